@@ -1,0 +1,74 @@
+"""Block-by-block calibration: capture what enters the first transformer block, then push it through one
+block at a time. Only one block's inputs are held at once, so memory does not grow with depth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.models import find_blocks
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    """The hidden states entering a block, per calibration batch, with the extra arguments the block takes
+    (attention mask, position embeddings ...), which are the same for every block."""
+
+    hidden: list[torch.Tensor]
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+    @torch.no_grad()
+    def run(self, block: nn.Module) -> list[torch.Tensor]:
+        """The block's output hidden states for every batch."""
+        return [_first(block(h, *a, **k)) for h, a, k in zip(self.hidden, self.args, self.kwargs, strict=True)]
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def capture_first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> BlockInputs:
+    """Run the model on `windows` only up to its first block and keep that block's inputs."""
+    _, blocks = find_blocks(model)
+    captured = BlockInputs(hidden=[])
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.detach())
+        captured.args.append(tuple(args[1:]))
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
+        captured.kwargs.append(kwargs)
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in windows.split(batch_size):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def iterate_blocks(
+    model: nn.Module, windows: torch.Tensor, batch_size: int
+) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
+    """Yield `(index, block, inputs)` in order. After the caller has processed (e.g. quantized) a block, its
+    outputs, computed by the block as the caller left it, become the next block's inputs."""
+    _, blocks = find_blocks(model)
+    inputs = capture_first_block_inputs(model, windows, batch_size)
+    for index, block in enumerate(blocks):
+        yield index, block, inputs
+        inputs = BlockInputs(hidden=inputs.run(block), args=inputs.args, kwargs=inputs.kwargs)

@@ -1,0 +1,130 @@
+"""`compress run|eval|inspect` (also `python -m compress`). User errors print one paragraph and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    from compress.errors import CompressError
+
+    try:
+        return args.handler(args)
+    except CompressError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compress", description="Recipe-driven model compression.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="compress a model with a recipe, evaluate it and export it")
+    run.add_argument("recipe", help="YAML recipe file")
+    run.add_argument("--model", help="hub id, local directory, .gguf file or embedded alias (overrides the recipe)")
+    run.add_argument("--out", help="output checkpoint directory (overrides export.out)")
+    run.add_argument("--format", choices=["packed", "dense"], help="export format (overrides export.format)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    run.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    run.set_defaults(handler=_run)
+
+    evaluate = commands.add_parser("eval", help="perplexity, size and speed of a checkpoint")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--data", default="embedded", help="evaluation text: embedded, a file or a datasets name")
+    evaluate.add_argument("--half", default="second", choices=["first", "second", "all"])
+    evaluate.add_argument("--num-windows", type=int, default=32)
+    evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.set_defaults(handler=_eval)
+
+    inspect = commands.add_parser("inspect", help="per-layer format, bits per weight and error of a checkpoint")
+    inspect.add_argument("checkpoint")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(handler=_inspect)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from compress import pipeline
+    from compress.recipe import load_recipe, parse_override
+
+    overrides = dict(parse_override(item) for item in args.set)
+    if args.model:
+        overrides["model.name"] = args.model
+    if args.out:
+        overrides["export.out"] = args.out
+    if args.format:
+        overrides["export.format"] = args.format
+    recipe = load_recipe(args.recipe, overrides)
+    report = pipeline.run(recipe, force=args.force).report
+    print(report.to_text())
+    print(f"\nwrote {recipe.export.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from compress import data as textdata
+    from compress.errors import CompressError
+    from compress.eval import directory_size, language_model_quality, quantized_bits, tokens_per_second
+    from compress.export import load
+
+    model = load(args.checkpoint)
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise CompressError(f"checkpoint {args.checkpoint!r} is not a causal language model; eval measures perplexity")
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    ids = textdata.select_half(textdata.tokenize(tokenizer, textdata.load_text(args.data)), args.half)
+    windows = textdata.consecutive_windows(ids, args.num_windows, args.seq_len)
+    quality = language_model_quality(model, windows, args.batch_size)
+    bits, weights = quantized_bits(model)
+    result = {
+        "perplexity": quality.perplexity,
+        "tokens": quality.tokens,
+        "bits_per_weight": bits,
+        "quantized_weights": weights,
+        "checkpoint_bytes": directory_size(args.checkpoint),
+        "tokens_per_second": tokens_per_second(model, windows, args.batch_size),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from compress.inspection import inspect_checkpoint
+
+    rows, totals = inspect_checkpoint(Path(args.checkpoint))
+    if args.json:
+        print(json.dumps({"layers": rows, "totals": totals}, indent=2))
+        return 0
+    header = ("layer", "format", "settings", "bits/weight", "rel. error")
+    table = [header] + [
+        (r["layer"], r["format"], r["settings"], f"{r['bits_per_weight']:.3f}", r["relative_error"]) for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(f"{str(v):<{w}}" for v, w in zip(row, widths, strict=True)))
+    print(
+        f"\n{totals['layers']} compressed layers, {totals['weights']} weights, "
+        f"{totals['bits_per_weight']:.3f} bits per weight, checkpoint {totals['checkpoint_bytes'] / 2**20:.1f} MiB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

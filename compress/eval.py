@@ -1,0 +1,110 @@
+"""Quality, size and speed of a model: perplexity, KL to the original, embedding similarity, bits per weight,
+bytes on disk, forward tokens per second."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress.formats.base import QuantizedLinear
+
+
+class ReferenceCache:
+    """The original model's next-token log-probabilities (float16) on the evaluation windows, kept on disk
+    (a memory-mapped file) so the original model need not stay in memory for the KL measurement."""
+
+    def __init__(self, num_windows: int, positions: int, vocab_size: int) -> None:
+        self._directory = tempfile.TemporaryDirectory(prefix="compress-reference-")
+        path = Path(self._directory.name) / "logprobs.f16"
+        self.logprobs = np.memmap(path, dtype=np.float16, mode="w+", shape=(num_windows, positions, vocab_size))
+
+    def close(self) -> None:
+        del self.logprobs
+        self._directory.cleanup()
+
+
+@dataclass
+class LanguageModelQuality:
+    perplexity: float
+    kl_to_original: float | None
+    tokens: int
+
+
+@torch.no_grad()
+def language_model_quality(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int,
+    reference: ReferenceCache | None = None,
+    record: bool = False,
+    desc: str = "eval",
+) -> LanguageModelQuality:
+    """Perplexity of next-token prediction over every position of every window; with `reference`, also the mean
+    KL(original || model) per token. With `record`, the model's log-probs are written into `reference` instead."""
+    total_nll = 0.0
+    total_kl = 0.0
+    count = 0
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
+        batch = windows[start : start + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        logprobs = F.log_softmax(logits, dim=-1)
+        targets = batch[:, 1:]
+        total_nll += float(-logprobs.gather(-1, targets.unsqueeze(-1)).sum())
+        count += targets.numel()
+        if reference is None:
+            continue
+        if record:
+            reference.logprobs[start : start + len(batch)] = logprobs.half().numpy()
+        else:
+            original = torch.from_numpy(np.asarray(reference.logprobs[start : start + len(batch)])).float()
+            total_kl += float((original.exp() * (original - logprobs)).sum())
+    kl = total_kl / count if reference is not None and not record else None
+    return LanguageModelQuality(perplexity=math.exp(total_nll / count), kl_to_original=kl, tokens=count)
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Mean-pooled, L2-normalised last hidden states `[num_windows, hidden]` (sentence-transformers pooling)."""
+    pooled = []
+    for batch in windows.split(batch_size):
+        hidden = model(input_ids=batch).last_hidden_state.float()
+        pooled.append(F.normalize(hidden.mean(dim=1), dim=-1))
+    return torch.cat(pooled)
+
+
+def quantized_bits(model: nn.Module) -> tuple[float, int]:
+    """Effective bits per weight over every compressed layer (all stored tensors counted) and their weight count."""
+    bits = 0.0
+    weights = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            count = module.in_features * module.out_features
+            bits += module.bits_per_weight() * count
+            weights += count
+    return (bits / weights if weights else 0.0), weights
+
+
+def directory_size(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+@torch.no_grad()
+def tokens_per_second(model: nn.Module, windows: torch.Tensor, batch_size: int, repeats: int = 3) -> float:
+    """Forward-pass throughput on one batch of evaluation windows (best of `repeats`, after one warm-up)."""
+    batch = windows[:batch_size]
+    model(input_ids=batch)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=batch)
+        best = min(best, time.perf_counter() - start)
+    return batch.numel() / best

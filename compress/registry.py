@@ -1,0 +1,48 @@
+"""Name -> stage and name -> format registries, filled by explicit imports in `compress.stages` and
+`compress.formats`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    name: str
+    config: type[BaseModel]
+    apply: Callable
+
+
+STAGES: dict[str, StageEntry] = {}
+FORMATS: dict[str, type] = {}
+
+
+def register_stage(name: str, config: type[BaseModel]) -> Callable[[Callable], Callable]:
+    """Register `apply(model, config, context)` as the stage `name` configured by `config`."""
+
+    def wrap(apply: Callable) -> Callable:
+        if name in STAGES:
+            raise ValueError(f"stage {name!r} is registered twice")
+        STAGES[name] = StageEntry(name, config, apply)
+        return apply
+
+    return wrap
+
+
+def register_format(name: str) -> Callable[[type[T]], type[T]]:
+    """Register a quantized-linear module class under `name` (its `format` attribute)."""
+
+    def wrap(cls: type[T]) -> type[T]:
+        if name in FORMATS:
+            raise ValueError(f"format {name!r} is registered twice")
+        cls.format = name
+        FORMATS[name] = cls
+        return cls
+
+    return wrap

@@ -1,0 +1,92 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from compress.cli import main
+from tests.conftest import TINY_DATA
+
+
+def write_recipe(path, model_dir, stages, out):
+    path.write_text(
+        yaml.safe_dump({"model": str(model_dir), "data": TINY_DATA, "stages": stages, "export": {"out": str(out)}})
+    )
+    return path
+
+
+def test_run_inspect_eval(model_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    recipe = write_recipe(
+        tmp_path / "r.yaml", model_dirs["llama"], [{"stage": "rtn", "bits": 4, "group_size": 32}], out
+    )
+    assert main(["run", str(recipe), "--set", "stages.0.bits=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "bits per weight" in printed and "peak memory" in printed
+    assert "bits: 3" in (out / "recipe.yaml").read_text()
+
+    assert main(["inspect", str(out), "--json"]) == 0
+    inspected = json.loads(capsys.readouterr().out)
+    assert inspected["totals"]["layers"] == 14
+    assert inspected["totals"]["bits_per_weight"] == pytest.approx(3 + 19 / 32)
+
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--data",
+                str(tmp_path / "r.yaml"),
+                "--half",
+                "all",
+                "--seq-len",
+                "32",
+                "--num-windows",
+                "2",
+            ]
+        )
+        == 2
+    )  # a .yaml file is no data source this tool reads
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    assert main(["eval", str(out), "--data", str(text), "--half", "all", "--seq-len", "32", "--num-windows", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["perplexity"] > 1 and result["bits_per_weight"] == pytest.approx(3 + 19 / 32)
+
+
+def test_out_and_model_flags(model_dirs, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", "not-used", [{"stage": "rtn", "group_size": 32}], tmp_path / "x")
+    out = tmp_path / "elsewhere"
+    assert main(["run", str(recipe), "--model", str(model_dirs["gpt2"]), "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and not (tmp_path / "x").exists()
+
+
+BAD_RUNS = [
+    ("stages:\n  - stage: quantum\n", [], "unknown stage"),
+    ("stages:\n  - stage: rtn\n    bits: 12\n", [], "stages[0].bits"),
+    ("stages:\n  - stage: rtn\n", ["--model", "/nonexistent/model"], "no such directory"),
+    ("stages:\n  - stage: rtn\n", ["--set", "stages"], "expected KEY=VALUE"),
+]
+
+
+@pytest.mark.parametrize("text,extra,message", BAD_RUNS)
+def test_bad_input_exits_2_without_traceback(tmp_path, text, extra, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "compress", "run", str(recipe), "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+def test_missing_recipe_and_checkpoint(tmp_path):
+    assert main(["run", str(tmp_path / "none.yaml")]) == 2
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert main(["eval", str(tmp_path)]) == 2
