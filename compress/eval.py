@@ -55,18 +55,20 @@ def language_model_quality(
     count = 0
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
         batch = windows[start : start + batch_size]
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        logprobs = F.log_softmax(logits, dim=-1)
-        targets = batch[:, 1:]
-        total_nll += float(-logprobs.gather(-1, targets.unsqueeze(-1)).sum())
-        count += targets.numel()
-        if reference is None:
-            continue
-        if record:
-            reference.logprobs[start : start + len(batch)] = logprobs.half().numpy()
-        else:
-            original = torch.from_numpy(np.asarray(reference.logprobs[start : start + len(batch)])).float()
-            total_kl += float((original.exp() * (original - logprobs)).sum())
+        logits = model(input_ids=batch, use_cache=False).logits
+        for row in range(len(batch)):  # one window at a time: [positions, vocab] tensors stay small
+            logprobs = F.log_softmax(logits[row, :-1].float(), dim=-1)
+            targets = batch[row, 1:]
+            total_nll += float(-logprobs.gather(-1, targets.unsqueeze(-1)).sum())
+            count += targets.numel()
+            if reference is None:
+                continue
+            if record:
+                reference.logprobs[start + row] = logprobs.half().numpy()
+            else:
+                original = torch.from_numpy(np.asarray(reference.logprobs[start + row])).float()
+                total_kl += float(F.kl_div(logprobs, original, log_target=True, reduction="sum"))
+        del logits
     kl = total_kl / count if reference is not None and not record else None
     return LanguageModelQuality(perplexity=math.exp(total_nll / count), kl_to_original=kl, tokens=count)
 
