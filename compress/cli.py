@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--format", choices=["packed", "dense"], help="export format (overrides export.format)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     run.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    run.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation (size is still reported)")
     run.set_defaults(handler=_run)
 
     evaluate = commands.add_parser("eval", help="perplexity, size and speed of a checkpoint")
@@ -71,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.format:
         overrides["export.format"] = args.format
     recipe = load_recipe(args.recipe, overrides)
-    report = pipeline.run(recipe, force=args.force).report
+    report = pipeline.run(recipe, force=args.force, evaluate=not args.no_eval).report
     print(report.to_text())
     print(f"\nwrote {recipe.export.out}")
     return 0

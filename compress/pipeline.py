@@ -85,8 +85,9 @@ class RunResult:
     report: Report
 
 
-def run(recipe: Recipe, *, force: bool = False) -> RunResult:
-    """Compress `recipe.model` with `recipe.stages`, evaluate before and after, export to `recipe.export.out`."""
+def run(recipe: Recipe, *, force: bool = False, evaluate: bool = True) -> RunResult:
+    """Compress `recipe.model` with `recipe.stages`, evaluate before and after (unless `evaluate` is false),
+    export to `recipe.export.out`."""
     started = time.perf_counter()
     out = check_destination(recipe.export.out, force)
     seed_everything(recipe.seed)
@@ -101,8 +102,9 @@ def run(recipe: Recipe, *, force: bool = False) -> RunResult:
         "parameters": count_parameters(model),
     }
     report.size["dense_fp16_bytes"] = 2 * count_parameters(model)
-    evaluation = _Evaluation(model, loaded, context)
-    report.before = evaluation.measure(model, original=True)
+    evaluation = _Evaluation(model, loaded, context) if evaluate else None
+    if evaluation is not None:
+        report.before = evaluation.measure(model, original=True)
 
     for stage in recipe.stages:
         log.info("stage %s", stage.name)
@@ -112,8 +114,9 @@ def run(recipe: Recipe, *, force: bool = False) -> RunResult:
         report.stages.append(StageRecord(stage.name, time.perf_counter() - stage_start, peak_rss_bytes()))
 
     round_to_storage(model)
-    report.after = evaluation.measure(model, original=False)
-    evaluation.close()
+    if evaluation is not None:
+        report.after = evaluation.measure(model, original=False)
+        evaluation.close()
     report.after["bits_per_weight"], report.after["quantized_weights"] = quantized_bits(model)
     report.layers = context.layers
 

@@ -1,0 +1,1 @@
+"""Pure numerical solvers used by stages: no model traversal, no I/O, tensors in and tensors out."""

