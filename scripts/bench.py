@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="8 windows, 3 bits: for iterating, not for the README")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
     parser.add_argument("--reuse", action="store_true", help="keep earlier compressions made with the same settings")
+    parser.add_argument("--peer-timeout", type=int, default=1800, help="seconds a peer may take to compress")
     args = parser.parse_args()
     if args.quick:
         args.windows, args.bits = 8, "3"
@@ -111,9 +112,13 @@ def main() -> None:
                 elif method.kind == "ours":
                     compress_ours(method, base, out, bits, args.group_size, args.calibration_samples, row)
                 else:
-                    compress_peer(method, base, out, bits, args.group_size, texts["calibration"], row)
+                    compress_peer(
+                        method, base, out, bits, args.group_size, texts["calibration"], row, args.peer_timeout
+                    )
             except subprocess.CalledProcessError as error:
                 row.status = f"failed: {error.stderr.strip().splitlines()[-1] if error.stderr else error}"
+            except subprocess.TimeoutExpired as error:
+                row.status = f"did not finish within {error.timeout:.0f} s on this machine"
             rows.append(row)
             print(f"compressed {method.name} w{bits}: {row.status}", flush=True)
 
@@ -225,7 +230,9 @@ def compress_ours(method: Method, base: Path, out: Path, bits: int, group_size: 
     row.checkpoint_bytes = report["size"]["checkpoint_bytes"]
 
 
-def compress_peer(method: Method, base: Path, out: Path, bits: int, group_size: int, calibration: Path, row: Row):
+def compress_peer(
+    method: Method, base: Path, out: Path, bits: int, group_size: int, calibration: Path, row: Row, timeout: int
+) -> None:
     shutil.rmtree(out, ignore_errors=True)
     command = [
         str(PEER_VENV / "bin" / "python"), str(PEER_SCRIPTS[method.kind]), "--model", str(base), "--out", str(out),
@@ -233,7 +240,7 @@ def compress_peer(method: Method, base: Path, out: Path, bits: int, group_size: 
     ]  # fmt: skip
     if method.kind == "llmcompressor":
         command += ["--method", method.peer_method, "--calibration", str(calibration)]
-    subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+    subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     peer = json.loads((out / "peer.json").read_text())
     row.compress_seconds = peer["seconds"]
     row.peak_rss_bytes = peer["peak_rss_bytes"]
