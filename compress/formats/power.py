@@ -22,9 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.formats.base import QuantizedLinear
-from compress.formats.packing import pack_bits, packed_length, unpack_bits
-from compress.formats.uniform import grouped
+from compress.formats.grid import GroupedGridLinear, grouped
 from compress.registry import register_format
 
 MIN_EXPONENT = 0.05
@@ -93,29 +91,15 @@ def nearest_codes(
 
 
 @register_format("power")
-class PowerLinear(QuantizedLinear):
+class PowerLinear(GroupedGridLinear):
     def __init__(
         self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int, exponent_per: str
     ) -> None:
-        super().__init__(in_features, out_features, bias)
-        if not 2 <= bits <= 8:
-            raise ValueError(f"bits must be in 2..8, got {bits}")
-        if in_features % group_size:
-            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        super().__init__(in_features, out_features, bias, bits, group_size)
         if exponent_per not in ("layer", "channel"):
             raise ValueError(f"exponent_per must be 'layer' or 'channel', got {exponent_per!r}")
-        self.bits = bits
-        self.group_size = group_size
         self.exponent_per = exponent_per
-        num_groups = in_features // group_size
-        self.register_buffer("qweight", torch.zeros(out_features, packed_length(in_features, bits), dtype=torch.uint8))
-        self.register_buffer("qzeros", torch.zeros(packed_length(out_features * num_groups, bits), dtype=torch.uint8))
-        self.scales = nn.Parameter(torch.ones(out_features, num_groups), requires_grad=False)
         self.exponents = nn.Parameter(torch.ones(out_features if exponent_per == "channel" else 1), requires_grad=False)
-
-    @property
-    def num_groups(self) -> int:
-        return self.in_features // self.group_size
 
     def settings(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, "exponent_per": self.exponent_per}
@@ -146,23 +130,11 @@ class PowerLinear(QuantizedLinear):
         exponent_per = "channel" if exponent.numel() > 1 else "layer"
         module = cls(in_features, out_features, bias is not None, bits, group_size, exponent_per).to(weight.device)
         module.exponents.data.copy_(exponent.reshape(-1).half().float())
-        scales, zeros = grid_params(power(weight.float(), module.exponents), bits, group_size, clip)
-        module.scales.data.copy_(scales)
-        module.qzeros.copy_(pack_bits(zeros.flatten(), bits))
+        module.set_grid(*grid_params(power(weight.float(), module.exponents), bits, group_size, clip))
         module.encode(weight)
         if bias is not None:
             module.bias.data.copy_(bias.detach().float())
         return module
-
-    def codes(self) -> torch.Tensor:
-        return unpack_bits(self.qweight, self.bits, self.in_features).to(torch.int64)
-
-    def zeros(self) -> torch.Tensor:
-        count = self.out_features * self.num_groups
-        return unpack_bits(self.qzeros, self.bits, count).to(torch.int64).view(self.out_features, self.num_groups)
-
-    def set_codes(self, codes: torch.Tensor) -> None:
-        self.qweight.copy_(pack_bits(codes, self.bits))
 
     def dequantize(self) -> torch.Tensor:
         return decode(self.codes(), self.scales, self.zeros(), self.exponents.clamp_min(MIN_EXPONENT), self.group_size)

@@ -14,17 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from compress.formats.base import QuantizedLinear
-from compress.formats.packing import pack_bits, packed_length, unpack_bits
+from compress.formats.grid import GroupedGridLinear, grouped
 from compress.registry import register_format
-
-
-def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """`[out, in]` -> `[out, in // group_size, group_size]`."""
-    out_features, in_features = weight.shape
-    return weight.reshape(out_features, in_features // group_size, group_size)
 
 
 def minmax_params(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,24 +51,7 @@ def dequantize_grid(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 
 
 @register_format("uniform")
-class UniformLinear(QuantizedLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int) -> None:
-        super().__init__(in_features, out_features, bias)
-        if not 2 <= bits <= 8:
-            raise ValueError(f"bits must be in 2..8, got {bits}")
-        if in_features % group_size:
-            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
-        self.bits = bits
-        self.group_size = group_size
-        num_groups = in_features // group_size
-        self.register_buffer("qweight", torch.zeros(out_features, packed_length(in_features, bits), dtype=torch.uint8))
-        self.register_buffer("qzeros", torch.zeros(packed_length(out_features * num_groups, bits), dtype=torch.uint8))
-        self.scales = nn.Parameter(torch.ones(out_features, num_groups), requires_grad=False)
-
-    @property
-    def num_groups(self) -> int:
-        return self.in_features // self.group_size
-
+class UniformLinear(GroupedGridLinear):
     def settings(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size}
 
@@ -89,20 +64,11 @@ class UniformLinear(QuantizedLinear):
         """Round-to-nearest on the min/max grid of each group."""
         out_features, in_features = weight.shape
         module = cls(in_features, out_features, bias is not None, bits, group_size).to(weight.device)
-        scales, zeros = minmax_params(weight, bits, group_size)
-        module.scales.data.copy_(scales)
-        module.qzeros.copy_(pack_bits(zeros.flatten(), bits))
+        module.set_grid(*minmax_params(weight, bits, group_size))
         module.encode(weight)
         if bias is not None:
             module.bias.data.copy_(bias.detach().float())
         return module
-
-    def codes(self) -> torch.Tensor:
-        return unpack_bits(self.qweight, self.bits, self.in_features).to(torch.int64)
-
-    def zeros(self) -> torch.Tensor:
-        count = self.out_features * self.num_groups
-        return unpack_bits(self.qzeros, self.bits, count).to(torch.int64).view(self.out_features, self.num_groups)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_grid(self.codes(), self.scales, self.zeros(), self.group_size)
@@ -111,4 +77,4 @@ class UniformLinear(QuantizedLinear):
         codes = round_to_grid(weight, self.scales.detach(), self.zeros(), self.bits, self.group_size)
         if mask is not None:
             codes = torch.where(mask, codes, self.codes())
-        self.qweight.copy_(pack_bits(codes, self.bits))
+        self.set_codes(codes)
