@@ -47,15 +47,14 @@ class Method:
     kind: str  # "ours", or the peer's tool: "llmcompressor", "hqq"
     recipe: str = ""
     peer_method: str = ""
-    calibrated: bool = False
 
 
 METHODS = [
     Method("rtn", "ours", recipe="recipes/default.yaml"),
     Method("nupes-data-free", "ours", recipe="recipes/nupes-data-free-w4.yaml"),
-    Method("nupes", "ours", recipe="recipes/nupes-w3.yaml", calibrated=True),
+    Method("nupes", "ours", recipe="recipes/nupes-w3.yaml"),
     Method("llmcompressor-rtn", "llmcompressor", peer_method="rtn"),
-    Method("llmcompressor-gptq", "llmcompressor", peer_method="gptq", calibrated=True),
+    Method("llmcompressor-gptq", "llmcompressor", peer_method="gptq"),
     Method("hqq", "hqq"),
 ]
 
