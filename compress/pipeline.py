@@ -106,6 +106,7 @@ def run(recipe: Recipe, *, force: bool = False, evaluate: bool = True) -> RunRes
     if evaluation is not None:
         report.before = evaluation.measure(model, original=True)
 
+    peak_before_stages = peak_rss_bytes()  # each stage resets the high-water mark; keep what came before
     for stage in recipe.stages:
         log.info("stage %s", stage.name)
         reset_peak_rss()
@@ -125,7 +126,8 @@ def run(recipe: Recipe, *, force: bool = False, evaluate: bool = True) -> RunRes
             model, loaded.tokenizer, directory, export_format=recipe.export.format, recipe_yaml=recipe.to_yaml()
         )
         report.size["checkpoint_bytes"] = directory_size(directory)
-        report.total = {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak_rss_bytes()}
+        peak = max([peak_before_stages, peak_rss_bytes(), *(s.peak_rss_bytes for s in report.stages)])
+        report.total = {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak}
         (directory / "report.json").write_text(report.to_json())
         (directory / "report.md").write_text(report.to_markdown())
     return RunResult(model, report)

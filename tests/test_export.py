@@ -47,6 +47,7 @@ def test_report_figures(model_dirs, tmp_path):
     assert saved["after"]["perplexity"] > 1 and saved["after"]["kl_to_original"] > 0
     assert saved["before"]["perplexity"] > 1
     assert report.stages[0].name == "rtn" and report.stages[0].peak_rss_bytes > 0
+    assert saved["total"]["peak_rss_bytes"] >= max(stage["peak_rss_bytes"] for stage in saved["stages"])
     assert len(saved["layers"]) == 14
 
 
