@@ -222,6 +222,10 @@ def compress_ours(method: Method, base: Path, out: Path, bits: int, group_size: 
         "--set", f"data.calibration.num_samples={samples}",
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+    read_our_figures(out, row)
+
+
+def read_our_figures(out: Path, row: Row) -> None:
     report = json.loads((out / "report.json").read_text())
     row.compress_seconds = sum(stage["seconds"] for stage in report["stages"])
     row.peak_rss_bytes = report["total"]["peak_rss_bytes"]
@@ -240,6 +244,10 @@ def compress_peer(
     if method.kind == "llmcompressor":
         command += ["--method", method.peer_method, "--calibration", str(calibration)]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    read_peer_figures(out, row)
+
+
+def read_peer_figures(out: Path, row: Row) -> None:
     peer = json.loads((out / "peer.json").read_text())
     row.compress_seconds = peer["seconds"]
     row.peak_rss_bytes = peer["peak_rss_bytes"]
@@ -257,17 +265,12 @@ def reuse(out: Path, row: Row, samples: int) -> bool:
         if name == "peer.json":
             if record["calibration_samples"] not in (0, samples):
                 return False
-            row.compress_seconds, row.peak_rss_bytes = record["seconds"], record["peak_rss_bytes"]
-            row.bits_per_weight, row.checkpoint_bytes = record["bits_per_weight"], record["checkpoint_bytes"]
-            row.notes.append("evaluated from its dequantized weights")
+            read_peer_figures(out, row)
         else:
             recipe = (out / "recipe.yaml").read_text()
             if f"num_samples: {samples}" not in recipe:
                 return False
-            row.compress_seconds = sum(stage["seconds"] for stage in record["stages"])
-            row.peak_rss_bytes = record["total"]["peak_rss_bytes"]
-            row.bits_per_weight = record["after"]["bits_per_weight"]
-            row.checkpoint_bytes = record["size"]["checkpoint_bytes"]
+            read_our_figures(out, row)
         row.notes.append("reused an earlier compression")
         return True
     return False
