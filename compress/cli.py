@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad input: recipe, model, data, checkpoint
+EXIT_INTERNAL = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)
         return 130
+    except Exception as error:  # a fault of compress itself, not of the input: say so, keep the details for -v
+        if args.verbose:
+            raise
+        print(
+            f"internal error: {type(error).__name__}: {error}\n"
+            "no output was written; rerun with -v for the traceback and please report it",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +54,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation (size is still reported)")
     run.set_defaults(handler=_run)
 
+    validate = commands.add_parser(
+        "validate", help="check a recipe against its model's config (no weights read), listing every problem"
+    )
+    validate.add_argument("recipe", help="YAML recipe file")
+    validate.add_argument("--model", help="check against this model instead of the recipe's")
+    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    validate.set_defaults(handler=_validate)
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of recipes")
+    schema.set_defaults(handler=_schema)
+
+    verify = commands.add_parser("verify", help="check a checkpoint's files, sha256 and tensor headers")
+    verify.add_argument("checkpoint")
+    verify.set_defaults(handler=_verify)
+
     evaluate = commands.add_parser("eval", help="perplexity, size and speed of a checkpoint")
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--data", default="embedded", help="evaluation text: embedded, a file or a datasets name")
@@ -51,30 +76,59 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-windows", type=int, default=32)
     evaluate.add_argument("--seq-len", type=int, default=512)
     evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
     evaluate.set_defaults(handler=_eval)
 
     inspect = commands.add_parser("inspect", help="per-layer format, bits per weight and error of a checkpoint")
     inspect.add_argument("checkpoint")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
     inspect.set_defaults(handler=_inspect)
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
-    from compress import pipeline
+def _recipe(args: argparse.Namespace):
     from compress.recipe import load_recipe, parse_override
 
     overrides = dict(parse_override(item) for item in args.set)
-    if args.model:
-        overrides["model.name"] = args.model
-    if args.out:
-        overrides["export.out"] = args.out
-    if args.format:
-        overrides["export.format"] = args.format
-    recipe = load_recipe(args.recipe, overrides)
+    for option, key in (("model", "model.name"), ("out", "export.out"), ("format", "export.format")):
+        if getattr(args, option, None):
+            overrides[key] = getattr(args, option)
+    return load_recipe(args.recipe, overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from compress import pipeline
+
+    recipe = _recipe(args)
     report = pipeline.run(recipe, force=args.force, evaluate=not args.no_eval).report
     print(report.to_text())
     print(f"\nwrote {recipe.export.out}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from compress.validate import validate
+
+    recipe = _recipe(args)
+    result = validate(recipe)
+    stages = ", ".join(f"{s.name} ({n} layers)" for s, n in zip(recipe.stages, result.layers_per_stage, strict=True))
+    print(f"{recipe.path}: valid for {recipe.model.name} ({result.architecture}); stages: {stages}")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from compress.recipe import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from compress.export import check_checkpoint
+
+    check_checkpoint(Path(args.checkpoint))
+    print(f"{args.checkpoint}: every file matches its recorded sha256, and the tensors match config.json")
     return 0
 
 
@@ -86,7 +140,7 @@ def _eval(args: argparse.Namespace) -> int:
     from compress.eval import directory_size, language_model_quality, quantized_bits, tokens_per_second
     from compress.export import load
 
-    model = load(args.checkpoint)
+    model = load(args.checkpoint, verify=not args.no_verify)
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise CompressError(f"checkpoint {args.checkpoint!r} is not a causal language model; eval measures perplexity")
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
@@ -109,7 +163,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from compress.inspection import inspect_checkpoint
 
-    rows, totals = inspect_checkpoint(Path(args.checkpoint))
+    rows, totals = inspect_checkpoint(Path(args.checkpoint), verify=not args.no_verify)
     if args.json:
         print(json.dumps({"layers": rows, "totals": totals}, indent=2))
         return 0

@@ -21,6 +21,24 @@ def embedded_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+def is_local_source(source: str) -> bool:
+    """A source names a local file when it has a known text-file suffix or exists on disk."""
+    path = Path(source)
+    return source != "embedded" and (path.suffix in LOCAL_BUILDERS or path.exists())
+
+
+def local_source_problem(source: str) -> str | None:
+    """What is wrong with a local-file source (None when it is fine or is not a local file)."""
+    if not is_local_source(source):
+        return None
+    path = Path(source)
+    if not path.is_file():
+        return "no such file"
+    if path.suffix not in LOCAL_BUILDERS:
+        return f"unknown file type {path.suffix!r}; use one of {sorted(LOCAL_BUILDERS)}"
+    return None
+
+
 def load_text(source: str, *, config: str | None = None, split: str = "train", text_field: str = "text") -> str:
     """All text of `source` joined with blank lines: `embedded`, a local .txt/.jsonl/.json/.parquet file, or a
     `datasets` hub name (with `config` and `split`)."""
@@ -28,16 +46,12 @@ def load_text(source: str, *, config: str | None = None, split: str = "train", t
         return embedded_text()
     import datasets
 
+    problem = local_source_problem(source)
+    if problem:
+        raise CompressError(f"data source {source!r}: {problem}")
     path = Path(source)
-    if path.suffix in LOCAL_BUILDERS or path.exists():
-        if not path.is_file():
-            raise CompressError(f"data source {source!r}: no such file")
-        builder = LOCAL_BUILDERS.get(path.suffix)
-        if builder is None:
-            raise CompressError(
-                f"data source {source!r}: unknown file type {path.suffix!r}; use one of {sorted(LOCAL_BUILDERS)}"
-            )
-        loader = dict(path=builder, data_files=str(path), split="train")
+    if is_local_source(source):
+        loader = dict(path=LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
     else:
         loader = dict(path=source, name=config, split=split)
     try:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,10 +30,17 @@ FLOAT16_MAX = torch.finfo(torch.float16).max
 def check_destination(out: str | Path, force: bool) -> Path:
     """Refuse early (before any heavy work) to overwrite an existing path unless `force`."""
     out = Path(out)
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise CompressError(f"output {str(out)!r} is the working directory or one above it; name a new directory")
     if out.exists() and not force:
         raise CompressError(f"output {str(out)!r} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise CompressError(f"output {str(out)!r} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise CompressError(
+            f"output {str(out)!r} is a non-empty directory that is not a checkpoint; --force only replaces checkpoints"
+        )
     return out
 
 
@@ -149,7 +157,7 @@ def save_checkpoint(
         saved = config.to_dict()
         saved.pop("quantization_config", None)
         metadata = {"format": "pt"}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata=metadata)
+    save_safetensors(tensors, directory / WEIGHTS_FILE, metadata)
     (directory / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True, default=str) + "\n")
     generation = getattr(model, "generation_config", None)
     if generation is not None and _is_causal(config):
@@ -158,19 +166,34 @@ def save_checkpoint(
     (directory / "recipe.yaml").write_text(recipe_yaml)
 
 
-def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
-    """Load a checkpoint written by `compress` (packed or dense) as a transformers model."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """`safetensors.save_file`, then the `__metadata__` keys put in sorted order: the library writes them in a
+    random order, and the same model must give the same bytes. The header keeps its length and padding."""
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        text = handle.read(length).decode("utf-8")
+        header = json.loads(text)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(canonical) > length:  # never expected: the same keys and values in another order
+            raise RuntimeError("safetensors header grew when its metadata was sorted")
+        handle.seek(8)
+        handle.write(canonical.ljust(length, b" "))
+
+
+def load(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, verify: bool = True
+) -> nn.Module:
+    """Load a checkpoint written by `compress` (packed or dense) as a transformers model.
+
+    With `verify` (the default) every file must match the size and sha256 recorded in its report.json. Always,
+    the safetensors header is checked against the tensors the config implies (names, shapes, dtypes) before any
+    tensor is allocated."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CompressError(f"checkpoint {str(path)!r}: no config.json, so it is not a checkpoint directory")
-    if not (path / WEIGHTS_FILE).is_file():
-        raise CompressError(f"checkpoint {str(path)!r}: {WEIGHTS_FILE} is missing")
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as error:
-        raise CompressError(f"checkpoint {str(path)!r}: config.json could not be read ({error})") from error
+    config = check_checkpoint(path, verify=verify, trust_remote_code=trust_remote_code)
     model_class = AutoModelForCausalLM if _is_causal(config) else AutoModel
     try:
         model, info = model_class.from_pretrained(
@@ -185,3 +208,45 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_c
         raise CompressError(f"checkpoint {str(path)!r} does not match its config: {problems}")
     model.eval()
     return model
+
+
+def check_checkpoint(path: Path, *, verify: bool = True, trust_remote_code: bool = False):
+    """Everything `load` checks before reading tensors; returns the config."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from compress.hf import install_empty_modules
+    from compress.integrity import expected_tensors, read_safetensors_header, tensor_problems, verify_files
+    from compress.models import skeleton
+
+    where = f"checkpoint {str(path)!r}"
+    if not (path / "config.json").is_file():
+        raise CompressError(f"{where}: no config.json, so it is not a checkpoint directory")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise CompressError(f"{where}: {WEIGHTS_FILE} is missing")
+    if verify:
+        verify_files(path)
+    stored = read_safetensors_header(path / WEIGHTS_FILE)
+    try:
+        json.loads((path / "config.json").read_text())
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise CompressError(f"{where}: config.json could not be read ({error})") from error
+    model = skeleton(config, "causal-lm" if _is_causal(config) else "encoder", trust_remote_code=trust_remote_code)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        settings = quantization if isinstance(quantization, dict) else quantization.to_dict()
+        if settings.get("quant_method") != QUANT_METHOD:
+            raise CompressError(f"{where}: quantization_config.quant_method is {settings.get('quant_method')!r}, "
+                                f"not {QUANT_METHOD!r}")  # fmt: skip
+        layers = settings.get("layers")
+        if not isinstance(layers, dict):
+            raise CompressError(f"{where}: quantization_config.layers must map layer names to their settings")
+        with init_empty_weights(include_buffers=True):
+            install_empty_modules(model, settings.get("format_version"), layers)
+    expected, tied = expected_tensors(model)
+    problems = tensor_problems(stored, expected, tied)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CompressError(f"{where}: {WEIGHTS_FILE} does not match config.json: {shown}")
+    return config

@@ -11,7 +11,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compress.errors import CompressError
-from compress.models import dense_weight, replace_module
+from compress.models import dense_weight, is_linear, replace_module
 from compress.registry import FORMATS
 
 QUANT_METHOD = "compress"
@@ -50,12 +50,16 @@ def install_empty_modules(model: nn.Module, format_version: int, layers: dict[st
             f"checkpoint format version {format_version} is not supported by this compress (it reads {FORMAT_VERSION})"
         )
     for name, settings in layers.items():
+        if not isinstance(settings, dict):
+            raise CompressError(f"checkpoint layer {name!r}: its settings must be a mapping, got {settings!r}")
         try:
             original = model.get_submodule(name)
         except AttributeError as error:
             raise CompressError(f"checkpoint config names layer {name!r}, which the model does not have") from error
+        if not is_linear(original):
+            raise CompressError(f"checkpoint config names layer {name!r}, which is not a linear layer of the model")
         format_name = settings.get("format")
-        if format_name not in FORMATS:
+        if not isinstance(format_name, str) or format_name not in FORMATS:
             raise CompressError(
                 f"checkpoint layer {name!r} has unknown format {format_name!r}; known: {sorted(FORMATS)}"
             )
@@ -67,5 +71,10 @@ def install_empty_modules(model: nn.Module, format_version: int, layers: dict[st
                 f"{out_features}x{in_features}"
             )
         has_bias = getattr(original, "bias", None) is not None
-        module = FORMATS[format_name].empty(in_features, out_features, has_bias, settings)
+        try:
+            module = FORMATS[format_name].empty(in_features, out_features, has_bias, settings)
+        except (ValueError, TypeError, KeyError, ZeroDivisionError) as error:
+            raise CompressError(
+                f"checkpoint layer {name!r} has invalid {format_name} settings {settings}: {error}"
+            ) from error
         replace_module(model, name, module.to(original.weight.device))

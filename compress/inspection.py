@@ -7,24 +7,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
-from compress.errors import CompressError
 from compress.eval import directory_size
-from compress.export import WEIGHTS_FILE
+from compress.export import WEIGHTS_FILE, check_checkpoint
+from compress.integrity import DTYPE_BYTES, read_safetensors_header
 
 SHAPE_KEYS = ("format", "in_features", "out_features")
-DTYPE_BITS = {"F16": 16, "BF16": 16, "F32": 32, "F64": 64, "U8": 8, "I8": 8, "I16": 16, "I32": 32, "I64": 64, "BOOL": 8}
 
 
-def inspect_checkpoint(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise CompressError(f"checkpoint {str(path)!r}: no config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise CompressError(f"checkpoint {str(path)!r}: config.json is not valid JSON ({error})") from error
+def inspect_checkpoint(path: Path, *, verify: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    check_checkpoint(path, verify=verify)
+    config = json.loads((path / "config.json").read_text())
     layers = (config.get("quantization_config") or {}).get("layers", {})
     report_path = path / "report.json"
     recorded = json.loads(report_path.read_text()).get("layers", {}) if report_path.is_file() else {}
@@ -57,18 +49,7 @@ def inspect_checkpoint(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]
     return rows, totals
 
 
-def _tensor_bits(path: Path) -> dict[str, tuple[int, list[int]]]:
-    if not path.is_file():
-        raise CompressError(f"checkpoint {str(path.parent)!r}: {path.name} is missing")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            result = {}
-            for key in handle.keys():
-                piece = handle.get_slice(key)
-                shape = piece.get_shape()
-                result[key] = (math.prod(shape) * DTYPE_BITS[piece.get_dtype()], shape)
-            return result
-    except Exception as error:  # safetensors raises its own error types for a damaged header
-        raise CompressError(
-            f"checkpoint {str(path.parent)!r}: {path.name} is not a readable safetensors file ({error})"
-        ) from error
+def _tensor_bits(path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """`{tensor: (stored bits, shape)}` from the safetensors header."""
+    header = read_safetensors_header(path)
+    return {name: (math.prod(shape) * 8 * DTYPE_BYTES[dtype], shape) for name, (dtype, shape) in header.items()}

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.errors import CompressError
+from compress.errors import CompressError, NumericError
 
 log = logging.getLogger(__name__)
 
@@ -49,52 +49,94 @@ def embedded_path(alias: str) -> Path:
     return Path(spec.origin).parent / entry.relative_path
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model name points: `location` (directory or hub id), the GGUF file in it if any, and its kind."""
+
+    name: str
+    location: str
+    gguf_file: str | None
+    kind: str  # "causal-lm", "encoder", or "" until the config says
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Map an embedded alias, a `.gguf` file, a local directory or a hub id to where transformers reads it."""
+    if not isinstance(name, str) or not name.strip():
+        raise CompressError(f"model {name!r}: expected an embedded alias, a .gguf file, a directory or a hub id")
+    if name in EMBEDDED:
+        path = embedded_path(name)
+        if path.suffix == ".gguf":
+            return ModelSource(name, str(path.parent), path.name, EMBEDDED[name].kind)
+        return ModelSource(name, str(path), None, EMBEDDED[name].kind)
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CompressError(f"model {name!r}: no such GGUF file")
+        return ModelSource(name, str(path.parent), path.name, "")
+    if path.exists() and not (path / "config.json").is_file():
+        raise CompressError(
+            f"model {name!r}: the directory has no config.json, so it is not a Hugging Face model directory"
+        )
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise CompressError(f"model {name!r}: no such directory")
+    return ModelSource(name, name, None, "")
+
+
+def load_config(source: ModelSource, *, trust_remote_code: bool = False) -> tuple[object, str]:
+    """The model's config (no weights read) and its kind."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            source.location, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CompressError(f"model {source.name!r}: its config could not be read ({error})") from error
+    return config, source.kind or _kind_of(config)
+
+
+def skeleton(config, kind: str, *, trust_remote_code: bool = False) -> nn.Module:
+    """The model's module tree with every tensor on the meta device: shapes without memory."""
+    from accelerate import init_empty_weights
+
+    model_class = _auto_class(kind)
+    try:
+        with init_empty_weights(include_buffers=True):
+            return model_class.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CompressError(f"model config {type(config).__name__} cannot be built: {error}") from error
+
+
 def load_model(name: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load `name`: an embedded alias, a `.gguf` file, a local directory or a hub id.
 
     Causal language models load with `AutoModelForCausalLM`, everything else with `AutoModel`.
     """
-    from transformers import AutoConfig
-
-    gguf_file = None
-    if name in EMBEDDED:
-        path = embedded_path(name)
-        kind = EMBEDDED[name].kind
-        location = str(path)
-        if path.suffix == ".gguf":
-            location, gguf_file = str(path.parent), path.name
-    else:
-        path = Path(name)
-        kind = ""
-        location = name
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise CompressError(f"model {name!r}: no such GGUF file")
-            location, gguf_file = str(path.parent), path.name
-        elif path.exists() and not (path / "config.json").is_file():
-            raise CompressError(
-                f"model {name!r}: the directory has no config.json, so it is not a Hugging Face model directory"
-            )
-        elif not path.exists() and (name.startswith((".", "/")) or name.count("/") > 1):
-            raise CompressError(f"model {name!r}: no such directory")
+    source = resolve_model(name)
+    _, kind = load_config(source, trust_remote_code=trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(location, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-        if not kind:
-            kind = _kind_of(config)
-        model_class = _auto_class(kind)
-        model = model_class.from_pretrained(
-            location, gguf_file=gguf_file, dtype=dtype, trust_remote_code=trust_remote_code
+        model = _auto_class(kind).from_pretrained(
+            source.location, gguf_file=source.gguf_file, dtype=dtype, trust_remote_code=trust_remote_code
         )
-        tokenizer = _load_tokenizer(location, gguf_file, trust_remote_code)
+        tokenizer = _load_tokenizer(source.location, source.gguf_file, trust_remote_code)
     except CompressError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CompressError(f"model {name!r} could not be loaded as a transformers model: {error}") from error
-    if gguf_file is not None:
+    if source.gguf_file is not None:
         _forget_source_quantization(model)
     model.eval()
+    check_weights_finite(model, f"model {name!r}")
     log.info("loaded %s (%s, %.1fM parameters)", name, type(model).__name__, count_parameters(model) / 1e6)
     return LoadedModel(model, tokenizer, kind, name)
+
+
+def check_weights_finite(model: nn.Module, what: str) -> None:
+    """Refuse a model whose weights hold NaN or infinity, naming the first such tensor."""
+    for tensor_name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NumericError(f"{what}: tensor {tensor_name} holds {bad} NaN or infinite values")
 
 
 def _kind_of(config) -> str:

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from compress import data as textdata
-from compress.errors import CompressError
 from compress.eval import (
     ReferenceCache,
     directory_size,
@@ -25,11 +24,13 @@ from compress.eval import (
 )
 from compress.export import atomic_directory, check_destination, round_to_storage, save_checkpoint
 from compress.formats.base import QuantizedLinear
+from compress.integrity import file_digests
 from compress.memory import peak_rss_bytes, reset_peak_rss
 from compress.models import LoadedModel, count_parameters, load_model
 from compress.recipe import Recipe, TextSource
 from compress.registry import STAGES
 from compress.report import Report, StageRecord, environment
+from compress.validate import raise_problems, recipe_problems
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def run(recipe: Recipe, *, force: bool = False, evaluate: bool = True) -> RunRes
     loaded = load_model(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     model = loaded.model
     context = Context(recipe=recipe, tokenizer=loaded.tokenizer, kind=loaded.kind)
-    _check_sequence_length(model, recipe)
+    raise_problems(recipe, recipe_problems(recipe, model)[0])
     report = Report(recipe=recipe.path, environment=environment())
     report.model = {
         "source": recipe.model.name,
@@ -128,19 +129,10 @@ def run(recipe: Recipe, *, force: bool = False, evaluate: bool = True) -> RunRes
         report.size["checkpoint_bytes"] = directory_size(directory)
         peak = max([peak_before_stages, peak_rss_bytes(), *(s.peak_rss_bytes for s in report.stages)])
         report.total = {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak}
-        (directory / "report.json").write_text(report.to_json())
         (directory / "report.md").write_text(report.to_markdown())
+        report.files = file_digests(directory)
+        (directory / "report.json").write_text(report.to_json())
     return RunResult(model, report)
-
-
-def _check_sequence_length(model: nn.Module, recipe: Recipe) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    for name, spec in (("calibration", recipe.data.calibration), ("evaluation", recipe.data.evaluation)):
-        if limit is not None and spec.seq_len > limit:
-            raise CompressError(
-                f"recipe {recipe.path}: data.{name}.seq_len {spec.seq_len} exceeds the model's "
-                f"max_position_embeddings {limit}"
-            )
 
 
 class _Evaluation:

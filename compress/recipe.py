@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compress.errors import CompressError
 from compress.registry import STAGES
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are refused, and values are not coerced: `bits: "3"` or `trust_remote_code: "yes"` is an
+    error, not a guess."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ModelSpec(Strict):
-    name: str = "smollm2-135m"
-    trust_remote_code: bool = False
+    name: str = Field("smollm2-135m", min_length=1, description="hub id, local directory, .gguf file or alias")
+    trust_remote_code: bool = Field(False, description="run the model repository's own code (only if you trust it)")
 
 
 class TextSource(Strict):
-    source: str = "embedded"
+    source: str = Field("embedded", min_length=1, description="embedded, a local file or a datasets hub name")
     config: str | None = None
     split: str = "train"
     text_field: str = "text"
@@ -31,13 +35,13 @@ class TextSource(Strict):
 
 class CalibrationData(TextSource):
     half: Literal["first", "second", "all"] = "first"
-    num_samples: int = Field(128, ge=1)
+    num_samples: int = Field(128, ge=1, le=1_000_000)
 
 
 class EvaluationData(TextSource):
     half: Literal["first", "second", "all"] = "second"
-    num_windows: int = Field(32, ge=1)
-    batch_size: int = Field(4, ge=1)
+    num_windows: int = Field(32, ge=1, le=1_000_000)
+    batch_size: int = Field(4, ge=1, le=4096)
 
 
 class DataSpec(Strict):
@@ -47,12 +51,19 @@ class DataSpec(Strict):
 
 class ExportSpec(Strict):
     format: Literal["packed", "dense"] = "packed"
-    out: str = "out/default"
+    out: str = Field("out/default", min_length=1, description="output checkpoint directory")
+
+    @field_validator("out")
+    @classmethod
+    def _names_a_directory(cls, out: str) -> str:
+        if Path(out).name in ("", ".", ".."):
+            raise ValueError("must name a directory of its own (not '.', '..' or a root)")
+        return out
 
 
 class RecipeFields(Strict):
     model: ModelSpec = ModelSpec()
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     data: DataSpec = DataSpec()
     stages: list[dict[str, Any]] = Field(min_length=1)
     export: ExportSpec = ExportSpec()
@@ -73,6 +84,11 @@ class Recipe(BaseModel):
     stages: list[Stage]
     export: ExportSpec
     path: str = "<recipe>"
+    lines: dict[tuple, int] = Field(default_factory=dict, exclude=True)  # recipe field path -> line in the file
+
+    def problem(self, loc: tuple, message: str, value: Any = None) -> str:
+        """`message` about the field at `loc`, prefixed with the recipe file and the field's line."""
+        return _describe(loc, message, value, self.lines, self.path)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe (defaults filled in), loadable again with `parse_recipe`."""
@@ -102,8 +118,17 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
 
 def parse_recipe(text: str, source: str = "<recipe>", overrides: dict[str, Any] | None = None) -> Recipe:
     try:
+        return _parse_recipe(text, source, overrides)
+    except RecursionError as error:
+        raise CompressError(f"recipe {source}: nested too deeply, or a YAML alias refers to itself") from error
+
+
+def _parse_recipe(text: str, source: str, overrides: dict[str, Any] | None) -> Recipe:
+    try:
         raw = yaml.safe_load(text)
         lines = _line_map(yaml.compose(text)) if raw is not None else {}
+    except DuplicateKey as error:
+        raise CompressError(f"recipe {source}, line {error.line}: the key {error.key!r} appears twice") from error
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
@@ -111,12 +136,15 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: dict[str, Any] 
         raise CompressError(f"recipe {source}{where}: not valid YAML ({problem})") from error
     if not isinstance(raw, dict):
         raise CompressError(f"recipe {source}: the top level must be a mapping with a `stages` list")
+    raw = copy.deepcopy(raw)  # YAML aliases share objects; overrides must change one place only
     if isinstance(raw.get("model"), str):
         raw["model"] = {"name": raw["model"]}  # `model: NAME` is short for `model: {name: NAME}`
     for dotted, value in (overrides or {}).items():
         _set_path(raw, dotted, value, source)
 
-    problems: list[str] = []
+    problems: list[str] = [
+        _describe(loc, "text may not contain NUL characters", None, lines, source) for loc in _nul(raw)
+    ]
     try:
         fields = RecipeFields.model_validate(raw)
     except ValidationError as error:
@@ -132,8 +160,45 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: dict[str, Any] 
         raise CompressError("recipe has errors:\n  " + "\n  ".join(dict.fromkeys(problems)))
     assert fields is not None
     return Recipe(
-        model=fields.model, seed=fields.seed, data=fields.data, stages=stages, export=fields.export, path=source
+        model=fields.model,
+        seed=fields.seed,
+        data=fields.data,
+        stages=stages,
+        export=fields.export,
+        path=source,
+        lines=lines,
     )
+
+
+def _nul(value: Any, loc: tuple = ()) -> list[tuple]:
+    """Paths of strings holding a NUL character (no file name or regex may contain one)."""
+    if isinstance(value, str):
+        return [loc] if "\x00" in value else []
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _nul(k, (*loc, k)) + _nul(v, (*loc, k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _nul(v, (*loc, i))]
+    return []
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of a recipe: the top-level fields, and each stage's options selected by its `stage` name."""
+    schema = RecipeFields.model_json_schema()
+    definitions = schema.setdefault("$defs", {})
+    variants = []
+    for name in sorted(STAGES):
+        stage_schema = STAGES[name].config.model_json_schema(ref_template="#/$defs/{model}")
+        definitions.update(stage_schema.pop("$defs", {}))
+        stage_schema["properties"] = {"stage": {"const": name}, **stage_schema.get("properties", {})}
+        stage_schema["required"] = ["stage", *stage_schema.get("required", [])]
+        stage_schema["additionalProperties"] = False
+        stage_schema["title"] = f"stage {name}"
+        variants.append(stage_schema)
+    schema["properties"]["stages"]["items"] = {"oneOf": variants}
+    schema["properties"]["model"] = {"anyOf": [{"type": "string", "minLength": 1}, schema["properties"]["model"]]}
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "compress recipe"
+    return schema
 
 
 def _validate_stage(index: int, entry: Any, lines: dict, source: str) -> tuple[Stage | None, list[str]]:
@@ -141,7 +206,7 @@ def _validate_stage(index: int, entry: Any, lines: dict, source: str) -> tuple[S
     if not isinstance(entry, dict) or "stage" not in entry:
         return None, [_describe(where, "each stage is a mapping with a `stage: NAME` key", entry, lines, source)]
     name = entry["stage"]
-    if name not in STAGES:
+    if not isinstance(name, str) or name not in STAGES:
         message = f"unknown stage; valid stages are {', '.join(sorted(STAGES))}"
         return None, [_describe((*where, "stage"), message, name, lines, source)]
     settings = {k: v for k, v in entry.items() if k != "stage"}
@@ -152,6 +217,7 @@ def _validate_stage(index: int, entry: Any, lines: dict, source: str) -> tuple[S
 
 
 def _describe(loc: tuple, message: str, value: Any, lines: dict, source: str) -> str:
+    message = message.removeprefix("Value error, ")
     field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
     line = None
     for depth in range(len(loc), -1, -1):
@@ -163,6 +229,11 @@ def _describe(loc: tuple, message: str, value: Any, lines: dict, source: str) ->
     return f"{where}: {field}: {message}{shown}"
 
 
+class DuplicateKey(Exception):
+    def __init__(self, key: str, line: int) -> None:
+        self.key, self.line = key, line
+
+
 def _line_map(node: yaml.Node | None, path: tuple = ()) -> dict[tuple, int]:
     """Path of every key and list item -> 1-based line where it appears."""
     lines: dict[tuple, int] = {}
@@ -170,6 +241,10 @@ def _line_map(node: yaml.Node | None, path: tuple = ()) -> dict[tuple, int]:
         return lines
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
+        keys = [key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode)]
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and keys.count(key.value) > 1:
+                raise DuplicateKey(key.value, key.start_mark.line + 1)
         for key, value in node.value:
             child = (*path, key.value)
             lines.update(_line_map(value, child))

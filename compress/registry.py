@@ -14,22 +14,39 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class StageEntry:
+    """A stage: `apply(model, config, context)`, its options, and what `compress validate` checks before a run.
+
+    `quantizes`: the stage replaces the layers it selects by compressed ones (no later stage may quantize them
+    again). `needs_quantized`: the stage works on compressed layers, so a quantizing stage must come first.
+    `check(config, layers)` returns `(field, problem)` pairs for the `{name: (out_features, in_features)}` of the
+    layers the stage would select."""
+
     name: str
     config: type[BaseModel]
     apply: Callable
+    quantizes: bool = False
+    needs_quantized: bool = False
+    check: Callable | None = None
 
 
 STAGES: dict[str, StageEntry] = {}
 FORMATS: dict[str, type] = {}
 
 
-def register_stage(name: str, config: type[BaseModel]) -> Callable[[Callable], Callable]:
-    """Register `apply(model, config, context)` as the stage `name` configured by `config`."""
+def register_stage(
+    name: str,
+    config: type[BaseModel],
+    *,
+    quantizes: bool = False,
+    needs_quantized: bool = False,
+    check: Callable | None = None,
+) -> Callable[[Callable], Callable]:
+    """Register `apply(model, config, context)` as the stage `name` configured by `config` (see `StageEntry`)."""
 
     def wrap(apply: Callable) -> Callable:
         if name in STAGES:
             raise ValueError(f"stage {name!r} is registered twice")
-        STAGES[name] = StageEntry(name, config, apply)
+        STAGES[name] = StageEntry(name, config, apply, quantizes, needs_quantized, check)
         return apply
 
     return wrap

@@ -26,6 +26,7 @@ class Report:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     total: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # every other file: bytes and sha256
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

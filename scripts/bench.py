@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +107,7 @@ def main() -> None:
             row = Row(method.name, bits, args.group_size)
             out = CACHE / "runs" / f"{method.name}-w{bits}g{args.group_size}"
             try:
-                if args.reuse and reuse(out, row, args.calibration_samples):
+                if args.reuse and reuse(method, base, out, row, args.calibration_samples):
                     pass
                 elif method.kind == "ours":
                     compress_ours(method, base, out, bits, args.group_size, args.calibration_samples, row)
@@ -215,12 +216,21 @@ def ensure_peer_env() -> dict:
     return {p["name"]: p["version"] for p in json.loads(listing.stdout) if p["name"].lower() in wanted}
 
 
+def our_overrides(base: Path, out: Path, bits: int, group_size: int, samples: int) -> dict[str, object]:
+    """What the benchmark sets on top of a method's recipe."""
+    return {
+        "model.name": str(base),
+        "export.out": str(out),
+        "stages.0.bits": bits,
+        "stages.0.group_size": group_size,
+        "data.calibration.num_samples": samples,
+    }
+
+
 def compress_ours(method: Method, base: Path, out: Path, bits: int, group_size: int, samples: int, row: Row) -> None:
-    command = [
-        sys.executable, "-m", "compress", "run", str(ROOT / method.recipe), "--model", str(base), "--out", str(out),
-        "--force", "--no-eval", "--set", f"stages.0.bits={bits}", "--set", f"stages.0.group_size={group_size}",
-        "--set", f"data.calibration.num_samples={samples}",
-    ]  # fmt: skip
+    command = [sys.executable, "-m", "compress", "run", str(ROOT / method.recipe), "--force", "--no-eval"]
+    for key, value in our_overrides(base, out, bits, group_size, samples).items():
+        command += ["--set", f"{key}={value}"]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
     read_our_figures(out, row)
 
@@ -256,24 +266,29 @@ def read_peer_figures(out: Path, row: Row) -> None:
     row.notes.append("evaluated from its dequantized weights")
 
 
-def reuse(out: Path, row: Row, samples: int) -> bool:
-    """Take the figures of an earlier compression in `out` if its settings are those asked for now."""
-    for name in ("report.json", "peer.json"):
-        if not (out / name).is_file():
-            continue
-        record = json.loads((out / name).read_text())
-        if name == "peer.json":
-            if record["calibration_samples"] not in (0, samples):
-                return False
-            read_peer_figures(out, row)
-        else:
-            recipe = (out / "recipe.yaml").read_text()
-            if f"num_samples: {samples}" not in recipe:
-                return False
-            read_our_figures(out, row)
-        row.notes.append("reused an earlier compression")
-        return True
-    return False
+def reuse(method: Method, base: Path, out: Path, row: Row, samples: int) -> bool:
+    """Take the figures of an earlier compression in `out` if its settings are those asked for now.
+
+    Ours: the resolved recipe stored with the checkpoint (every option, defaults included) must equal the one
+    this run would use, so a changed default is a changed setting. Peers: the same calibration size.
+    """
+    if method.kind == "ours":
+        if not ((out / "report.json").is_file() and (out / "recipe.yaml").is_file()):
+            return False
+        from compress.recipe import load_recipe
+
+        wanted = load_recipe(ROOT / method.recipe, our_overrides(base, out, row.bits, row.group_size, samples))
+        if yaml.safe_load((out / "recipe.yaml").read_text()) != wanted.to_dict():
+            return False
+        read_our_figures(out, row)
+    else:
+        if not (out / "peer.json").is_file():
+            return False
+        if json.loads((out / "peer.json").read_text())["calibration_samples"] not in (0, samples):
+            return False
+        read_peer_figures(out, row)
+    row.notes.append("reused an earlier compression")
+    return True
 
 
 def evaluate_all(base: Path, rows: list[Row], texts: dict, group_size: int) -> None:

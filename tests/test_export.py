@@ -97,7 +97,7 @@ def test_dense_export_loads_in_stock_transformers(model_dirs, tmp_path, family):
 
 def test_existing_output_is_kept_unless_forced(model_dirs, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    pipeline.run(tiny_recipe(model_dirs["llama"], out, RTN), evaluate=False)
     (out / "keep.txt").write_text("mine")
     with pytest.raises(CompressError, match="already exists; pass --force"):
         pipeline.run(tiny_recipe(model_dirs["llama"], out, RTN))

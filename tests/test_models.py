@@ -66,5 +66,5 @@ def test_clear_errors_for_paths_that_are_not_models(tmp_path):
     with pytest.raises(CompressError, match="no such directory"):
         load_model("./does/not/exist")
     (tmp_path / "config.json").write_text('{"model_type": "not-a-transformer"}')
-    with pytest.raises(CompressError, match="could not be loaded"):
+    with pytest.raises(CompressError, match="its config could not be read"):
         load_model(str(tmp_path))

@@ -2,26 +2,61 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from compress.errors import NumericError
-from compress.models import LINEAR_TYPES, find_blocks, find_linears
+from compress.models import LINEAR_TYPES, dense_weight, find_blocks, find_linears
 
 
 class StageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # as the recipe's own fields: no coercion
 
 
 class LayerSelection(StageConfig):
     """Linear layers inside the transformer blocks whose class is in `targets` and whose full name matches no
     `ignore` regex. Embeddings and the output head live outside the blocks and are never selected."""
 
-    targets: list[str] = Field(default_factory=lambda: list(LINEAR_TYPES))
-    ignore: list[str] = Field(default_factory=list)
+    targets: list[str] = Field(
+        default_factory=lambda: list(LINEAR_TYPES), min_length=1, description="class names of the layers to compress"
+    )
+    ignore: list[str] = Field(default_factory=list, description="regexes of full layer names to leave alone")
+
+    @field_validator("ignore")
+    @classmethod
+    def _regexes_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from error
+        return patterns
+
+
+def selected_layers(model: nn.Module, selection: LayerSelection) -> dict[str, tuple[int, int]]:
+    """`{full name: (out_features, in_features)}` of the layers `selection` picks (works on a meta skeleton)."""
+    return {
+        name: tuple(dense_weight(linear).shape)
+        for _, linears in blocks_with_linears(model, selection)
+        for name, linear in linears.items()
+    }
+
+
+def group_size_problems(config, layers: dict[str, tuple[int, int]]) -> list[tuple[str, str]]:
+    """A `check` for stages with a `group_size`: it must divide the input features of every selected layer."""
+    group_size = getattr(config, "group_size", None)
+    if not group_size:
+        return []
+    misfits = {name: shape[1] for name, shape in layers.items() if shape[1] % group_size}
+    if not misfits:
+        return []
+    shown = ", ".join(f"{name} ({features})" for name, features in list(misfits.items())[:3])
+    more = f" and {len(misfits) - 3} more" if len(misfits) > 3 else ""
+    return [("group_size", f"{group_size} does not divide the input features of {shown}{more}")]
 
 
 def blocks_with_linears(model: nn.Module, selection: LayerSelection) -> Iterator[tuple[int, dict[str, nn.Module]]]:

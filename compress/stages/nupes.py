@@ -16,14 +16,20 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from compress.calib import iterate_blocks
-from compress.errors import CompressError
+from compress.errors import CompressError, NumericError
 from compress.formats.power import PowerLinear, nearest_codes
 from compress.models import dense_weight, find_blocks, find_linears, replace_module
 from compress.registry import register_stage
 from compress.solvers.gptq import HessianAccumulator, gptq_round
 from compress.solvers.power_search import search_exponent_and_clip
 from compress.solvers.reconstruct import ReconstructionSettings, reconstruct_block
-from compress.stages.base import LayerSelection, blocks_with_linears, check_finite, relative_error
+from compress.stages.base import (
+    LayerSelection,
+    blocks_with_linears,
+    check_finite,
+    group_size_problems,
+    relative_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +51,10 @@ class NupesConfig(LayerSelection):
     clip_candidates: int = Field(6, ge=1)
     damping: float = Field(0.01, ge=0.0, description="GPTQ damping, a fraction of the mean Hessian diagonal")
     gptq: bool = Field(True, description="data-driven: Hessian-aware rounding before learning")
-    steps: int = Field(32, ge=0, description="data-driven: optimiser steps per block (one calibration batch each)")
-    batch_size: int = Field(4, ge=1, description="data-driven: calibration windows per batch")
+    steps: int = Field(
+        16, ge=0, le=1_000_000, description="data-driven: optimiser steps per block (one calibration batch each)"
+    )
+    batch_size: int = Field(4, ge=1, le=4096, description="data-driven: calibration windows per batch")
     learning_rate: float = Field(0.005, ge=0.0, description="latent codes, in grid steps per step")
     scale_learning_rate: float = Field(3e-3, ge=0.0, description="log-scales")
     exponent_learning_rate: float = Field(3e-2, ge=0.0, description="exponent logit")
@@ -58,7 +66,7 @@ class NupesConfig(LayerSelection):
         return self
 
 
-@register_stage("nupes", NupesConfig)
+@register_stage("nupes", NupesConfig, quantizes=True, check=group_size_problems)
 def apply(model, config: NupesConfig, context) -> None:
     if config.mode == "data-free":
         for _, linears in tqdm(list(blocks_with_linears(model, config)), desc="nupes data-free", unit="block"):
@@ -112,7 +120,12 @@ def _data_driven(model, config: NupesConfig, context) -> None:
                 layer.set_codes(_gptq_codes(layer, weight, hessian, config.damping))
             layers[name] = layer
             replace_module(block, name, layer)
-        losses = reconstruct_block(block, layers, inputs, targets, settings) if config.steps else []
+        try:
+            losses = reconstruct_block(block, layers, inputs, targets, settings) if config.steps else []
+        except NumericError as error:
+            raise NumericError(
+                f"nupes: block {block_prefix}: {error}; the stage stopped and nothing was written"
+            ) from error
         if losses:
             progress.set_postfix(error=f"{losses[0]:.4f}->{losses[-1]:.4f}")
             log.info("block %s: relative output error %.5f -> %.5f", block_prefix, losses[0], losses[-1])

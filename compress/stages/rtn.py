@@ -9,7 +9,13 @@ from compress.errors import CompressError
 from compress.formats.uniform import UniformLinear
 from compress.models import dense_weight, replace_module
 from compress.registry import register_stage
-from compress.stages.base import LayerSelection, blocks_with_linears, check_finite, relative_error
+from compress.stages.base import (
+    LayerSelection,
+    blocks_with_linears,
+    check_finite,
+    group_size_problems,
+    relative_error,
+)
 
 
 class RtnConfig(LayerSelection):
@@ -17,7 +23,7 @@ class RtnConfig(LayerSelection):
     group_size: int | None = Field(128, ge=1, description="input weights per scale; null for one scale per row")
 
 
-@register_stage("rtn", RtnConfig)
+@register_stage("rtn", RtnConfig, quantizes=True, check=group_size_problems)
 def apply(model, config: RtnConfig, context) -> None:
     for _, linears in tqdm(list(blocks_with_linears(model, config)), desc="rtn", unit="block"):
         for name, linear in linears.items():

@@ -1,0 +1,155 @@
+"""Checkpoint integrity: the sha256 of every file (recorded in report.json), and the safetensors header checked
+against what the config says the model holds, before any tensor is allocated."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+
+REPORT_FILE = "report.json"
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
+TORCH_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+                torch.bool: "BOOL"}  # fmt: skip
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_digests(directory: Path) -> dict[str, dict[str, Any]]:
+    """`{relative path: {bytes, sha256}}` of every file in `directory` but report.json (which holds this record)."""
+    return {
+        path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.relative_to(directory).as_posix() != REPORT_FILE
+    }
+
+
+def verify_files(directory: Path) -> None:
+    """Refuse a checkpoint whose files differ from the sizes and sha256 recorded in its report.json."""
+    where = f"checkpoint {str(directory)!r}"
+    report_path = directory / REPORT_FILE
+    if not report_path.is_file():
+        raise CompressError(
+            f"{where}: no {REPORT_FILE}, so its files cannot be verified (pass verify=False / --no-verify to load it "
+            "unverified)"
+        )
+    try:
+        files = json.loads(report_path.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CompressError(f"{where}: {REPORT_FILE} has no readable record of the files ({error})") from error
+    for name, record in files.items():
+        path = directory / name
+        if not isinstance(record, dict) or not {"bytes", "sha256"} <= set(record):
+            raise CompressError(f"{where}: {REPORT_FILE} has a malformed record for {name!r}")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CompressError(f"{where}: {REPORT_FILE} names a file outside the checkpoint ({name!r})")
+        if not path.is_file():
+            raise CompressError(f"{where}: {name} is missing")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            state = "truncated" if size < record["bytes"] else "longer than written"
+            raise CompressError(f"{where}: {name} is {state} ({size} bytes, {record['bytes']} were written)")
+        if sha256(path) != record["sha256"]:
+            raise CompressError(f"{where}: {name} was altered (its sha256 differs from the one recorded at export)")
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """`{tensor: (dtype, shape)}` from a safetensors header, after checking that the header is well formed and
+    that the tensors' byte ranges tile the file exactly (a truncated or padded file is refused)."""
+    where = f"{path}"
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CompressError(f"{where}: too short to be a safetensors file ({size} bytes)")
+        (header_bytes,) = struct.unpack("<Q", prefix)
+        if header_bytes > min(MAX_HEADER_BYTES, size - 8):
+            raise CompressError(f"{where}: header size {header_bytes} does not fit in the file ({size} bytes)")
+        try:
+            header = json.loads(handle.read(header_bytes).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CompressError(f"{where}: the header is not valid JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise CompressError(f"{where}: the header is not a JSON object")
+    header.pop("__metadata__", None)
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    ranges = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            valid = dtype in DTYPE_BYTES and all(isinstance(d, int) and d >= 0 for d in shape)
+            valid = valid and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise CompressError(f"{where}: tensor {name!r} has a malformed header entry {entry!r}")
+        if end - start != DTYPE_BYTES[dtype] * _numel(shape):
+            raise CompressError(f"{where}: tensor {name!r} spans {end - start} bytes but {dtype}{list(shape)} needs "
+                                f"{DTYPE_BYTES[dtype] * _numel(shape)}")  # fmt: skip
+        tensors[name] = (dtype, shape)
+        ranges.append((start, end, name))
+    position = 0
+    for start, end, name in sorted(ranges):
+        if start != position:
+            raise CompressError(f"{where}: tensor {name!r} does not start where the previous one ends")
+        position = end
+    data_bytes = size - 8 - header_bytes
+    if position != data_bytes:
+        state = "truncated" if data_bytes < position else "longer than its tensors"
+        raise CompressError(f"{where}: the file is {state} ({data_bytes} data bytes, the header describes {position})")
+    return tensors
+
+
+def expected_tensors(model: nn.Module) -> tuple[dict[str, tuple[str, tuple[int, ...]]], set[str]]:
+    """What a checkpoint of `model` (a meta skeleton is enough) must hold: `{name: (dtype, shape)}` with floats
+    stored as F16, and the names that are tied to an earlier one (written once, under the first name)."""
+    expected: dict[str, tuple[str, tuple[int, ...]]] = {}
+    tied: set[str] = set()
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            tied.add(name)
+            continue
+        seen.add(id(tensor))
+        dtype = "F16" if tensor.is_floating_point() else TORCH_DTYPES.get(tensor.dtype, str(tensor.dtype))
+        expected[name] = (dtype, tuple(tensor.shape))
+    return expected, tied
+
+
+def tensor_problems(
+    stored: dict[str, tuple[str, tuple[int, ...]]], expected: dict[str, tuple[str, tuple[int, ...]]], tied: set[str]
+) -> list[str]:
+    problems = []
+    for name, (dtype, shape) in expected.items():
+        if name not in stored:
+            problems.append(f"{name} is missing")
+        elif stored[name][1] != shape:
+            problems.append(f"{name} has shape {list(stored[name][1])}, the config makes it {list(shape)}")
+        elif stored[name][0] != dtype:
+            problems.append(f"{name} is stored as {stored[name][0]}, the format stores {dtype}")
+    problems += [f"{name} is not part of the model" for name in stored if name not in expected and name not in tied]
+    return problems
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total

@@ -1,0 +1,79 @@
+"""Checks of a recipe against the model it will compress, made before any heavy work: stage order, layer
+selection, group sizes against the layers' shapes, sequence lengths, data files. Every problem is listed at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from compress.data import local_source_problem
+from compress.errors import CompressError
+from compress.models import load_config, resolve_model, skeleton
+from compress.recipe import Recipe
+from compress.registry import STAGES
+from compress.stages.base import LayerSelection, selected_layers
+
+
+@dataclass
+class Validation:
+    architecture: str
+    kind: str
+    layers_per_stage: list[int]
+
+
+def recipe_problems(recipe: Recipe, model: nn.Module) -> tuple[list[str], list[int]]:
+    """Problems of `recipe` for `model` (real or a meta skeleton), and how many layers each stage selects."""
+    problems: list[str] = []
+    counts: list[int] = []
+    quantized_by: dict[str, int] = {}
+    for index, stage in enumerate(recipe.stages):
+        entry = STAGES[stage.name]
+        loc = ("stages", index)
+        if entry.needs_quantized and not quantized_by:
+            quantizers = ", ".join(sorted(n for n, e in STAGES.items() if e.quantizes))
+            message = f"{stage.name} works on compressed layers; put a quantizing stage ({quantizers}) before it"
+            problems.append(recipe.problem((*loc, "stage"), message))
+        layers = selected_layers(model, stage.config) if isinstance(stage.config, LayerSelection) else {}
+        counts.append(len(layers))
+        if isinstance(stage.config, LayerSelection) and not layers:
+            problems.append(
+                recipe.problem((*loc, "targets"), "selects no layer of the model (check targets and ignore)")
+            )
+        if entry.quantizes:
+            again = [name for name in layers if name in quantized_by]
+            if again:
+                earlier = quantized_by[again[0]]
+                message = (
+                    f"{stage.name} would quantize {len(again)} layers (first {again[0]}) that stages[{earlier}] "
+                    f"({recipe.stages[earlier].name}) already quantized; use ignore to split the layers between them"
+                )
+                problems.append(recipe.problem(loc, message))
+            quantized_by.update(dict.fromkeys((n for n in layers if n not in quantized_by), index))
+        if entry.check is not None:
+            problems += [recipe.problem((*loc, field), message) for field, message in entry.check(stage.config, layers)]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for part in ("calibration", "evaluation"):
+        spec = getattr(recipe.data, part)
+        if limit is not None and spec.seq_len > limit:
+            message = f"exceeds the model's max_position_embeddings {limit}"
+            problems.append(recipe.problem(("data", part, "seq_len"), message, spec.seq_len))
+        problem = local_source_problem(spec.source)
+        if problem:
+            problems.append(recipe.problem(("data", part, "source"), problem, spec.source))
+    return problems, counts
+
+
+def raise_problems(recipe: Recipe, problems: list[str]) -> None:
+    if problems:
+        raise CompressError(f"recipe {recipe.path} does not fit the model:\n  " + "\n  ".join(problems))
+
+
+def validate(recipe: Recipe) -> Validation:
+    """Check `recipe` against its model's config alone (no weights are read); raise with every problem."""
+    source = resolve_model(recipe.model.name)
+    config, kind = load_config(source, trust_remote_code=recipe.model.trust_remote_code)
+    model = skeleton(config, kind, trust_remote_code=recipe.model.trust_remote_code)
+    problems, counts = recipe_problems(recipe, model)
+    raise_problems(recipe, problems)
+    return Validation(type(model).__name__, kind, counts)
