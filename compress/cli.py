@@ -112,7 +112,10 @@ def _validate(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     result = validate(recipe)
-    stages = ", ".join(f"{s.name} ({n} layers)" for s, n in zip(recipe.stages, result.layers_per_stage, strict=True))
+    stages = ", ".join(
+        s.name if n is None else f"{s.name} ({n} layers)"
+        for s, n in zip(recipe.stages, result.layers_per_stage, strict=True)
+    )
     print(f"{recipe.path}: valid for {recipe.model.name} ({result.architecture}); stages: {stages}")
     return 0
 

@@ -43,6 +43,8 @@ class Context:
     tokenizer: Any
     kind: str
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # the running stage's own figures, kept in the report
+    teacher: dict[str, Any] = field(default_factory=dict)  # what `prepare` hooks recorded from the original model
     _token_cache: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def tokens(self, source: TextSource) -> torch.Tensor:
@@ -103,17 +105,26 @@ def run(recipe: Recipe, *, force: bool = False, evaluate: bool = True) -> RunRes
         "parameters": count_parameters(model),
     }
     report.size["dense_fp16_bytes"] = 2 * count_parameters(model)
-    evaluation = _Evaluation(model, loaded, context) if evaluate else None
+    # Under `accelerate launch` every process runs the recipe (training stages split their batches between them);
+    # only the main process evaluates and writes.
+    main_process = _is_main_process()
+    evaluation = _Evaluation(model, loaded, context) if evaluate and main_process else None
     if evaluation is not None:
         report.before = evaluation.measure(model, original=True)
 
+    for stage in recipe.stages:
+        prepare = STAGES[stage.name].prepare
+        if prepare is not None:
+            prepare(model, stage.config, context)
     peak_before_stages = peak_rss_bytes()  # each stage resets the high-water mark; keep what came before
     for stage in recipe.stages:
         log.info("stage %s", stage.name)
         reset_peak_rss()
         stage_start = time.perf_counter()
+        context.metrics = {}
         STAGES[stage.name].apply(model, stage.config, context)
-        report.stages.append(StageRecord(stage.name, time.perf_counter() - stage_start, peak_rss_bytes()))
+        seconds = time.perf_counter() - stage_start
+        report.stages.append(StageRecord(stage.name, seconds, peak_rss_bytes(), context.metrics))
 
     round_to_storage(model)
     if evaluation is not None:
@@ -122,6 +133,8 @@ def run(recipe: Recipe, *, force: bool = False, evaluate: bool = True) -> RunRes
     report.after["bits_per_weight"], report.after["quantized_weights"] = quantized_bits(model)
     report.layers = context.layers
 
+    if not main_process:
+        return RunResult(model, report)
     with atomic_directory(out) as directory:
         save_checkpoint(
             model, loaded.tokenizer, directory, export_format=recipe.export.format, recipe_yaml=recipe.to_yaml()
@@ -133,6 +146,12 @@ def run(recipe: Recipe, *, force: bool = False, evaluate: bool = True) -> RunRes
         report.files = file_digests(directory)
         (directory / "report.json").write_text(report.to_json())
     return RunResult(model, report)
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 class _Evaluation:

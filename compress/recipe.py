@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,6 +12,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compress.errors import CompressError
 from compress.registry import STAGES
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` (no dot) as a string; recipes mean a number, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class Strict(BaseModel):
@@ -125,8 +141,8 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: dict[str, Any] 
 
 def _parse_recipe(text: str, source: str, overrides: dict[str, Any] | None) -> Recipe:
     try:
-        raw = yaml.safe_load(text)
-        lines = _line_map(yaml.compose(text)) if raw is not None else {}
+        raw = _load_yaml(text)
+        lines = _line_map(yaml.compose(text, Loader=_Loader)) if raw is not None else {}
     except DuplicateKey as error:
         raise CompressError(f"recipe {source}, line {error.line}: the key {error.key!r} appears twice") from error
     except yaml.YAMLError as error:
@@ -282,6 +298,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise CompressError(f"--set {text!r}: expected KEY=VALUE, e.g. --set stages.0.bits=3")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), _load_yaml(value)
     except yaml.YAMLError as error:
         raise CompressError(f"--set {text!r}: the value is not valid YAML ({error})") from error

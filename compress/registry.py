@@ -19,7 +19,8 @@ class StageEntry:
     `quantizes`: the stage replaces the layers it selects by compressed ones (no later stage may quantize them
     again). `needs_quantized`: the stage works on compressed layers, so a quantizing stage must come first.
     `check(config, layers)` returns `(field, problem)` pairs for the `{name: (out_features, in_features)}` of the
-    layers the stage would select."""
+    layers the stage would select. `prepare(model, config, context)` runs before the first stage of the recipe,
+    on the original model (e.g. to record a teacher's outputs for distillation)."""
 
     name: str
     config: type[BaseModel]
@@ -27,6 +28,7 @@ class StageEntry:
     quantizes: bool = False
     needs_quantized: bool = False
     check: Callable | None = None
+    prepare: Callable | None = None
 
 
 STAGES: dict[str, StageEntry] = {}
@@ -40,13 +42,14 @@ def register_stage(
     quantizes: bool = False,
     needs_quantized: bool = False,
     check: Callable | None = None,
+    prepare: Callable | None = None,
 ) -> Callable[[Callable], Callable]:
     """Register `apply(model, config, context)` as the stage `name` configured by `config` (see `StageEntry`)."""
 
     def wrap(apply: Callable) -> Callable:
         if name in STAGES:
             raise ValueError(f"stage {name!r} is registered twice")
-        STAGES[name] = StageEntry(name, config, apply, quantizes, needs_quantized, check)
+        STAGES[name] = StageEntry(name, config, apply, quantizes, needs_quantized, check, prepare)
         return apply
 
     return wrap

@@ -13,6 +13,7 @@ class StageRecord:
     name: str
     seconds: float
     peak_rss_bytes: int
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from accelerate import init_empty_weights
 from torch import nn
 
 from compress.data import local_source_problem
 from compress.errors import CompressError
+from compress.formats.base import QuantizedLinear
+from compress.hf import QUANT_METHOD, install_empty_modules
 from compress.models import load_config, resolve_model, skeleton
 from compress.recipe import Recipe
 from compress.registry import STAGES
@@ -19,23 +22,24 @@ from compress.stages.base import LayerSelection, selected_layers
 class Validation:
     architecture: str
     kind: str
-    layers_per_stage: list[int]
+    layers_per_stage: list[int | None]  # None: the stage does not select layers
 
 
-def recipe_problems(recipe: Recipe, model: nn.Module) -> tuple[list[str], list[int]]:
+def recipe_problems(recipe: Recipe, model: nn.Module) -> tuple[list[str], list[int | None]]:
     """Problems of `recipe` for `model` (real or a meta skeleton), and how many layers each stage selects."""
     problems: list[str] = []
-    counts: list[int] = []
+    counts: list[int | None] = []
     quantized_by: dict[str, int] = {}
+    already_quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())  # a compressed checkpoint
     for index, stage in enumerate(recipe.stages):
         entry = STAGES[stage.name]
         loc = ("stages", index)
-        if entry.needs_quantized and not quantized_by:
+        if entry.needs_quantized and not (quantized_by or already_quantized):
             quantizers = ", ".join(sorted(n for n, e in STAGES.items() if e.quantizes))
             message = f"{stage.name} works on compressed layers; put a quantizing stage ({quantizers}) before it"
             problems.append(recipe.problem((*loc, "stage"), message))
         layers = selected_layers(model, stage.config) if isinstance(stage.config, LayerSelection) else {}
-        counts.append(len(layers))
+        counts.append(len(layers) if isinstance(stage.config, LayerSelection) else None)
         if isinstance(stage.config, LayerSelection) and not layers:
             problems.append(
                 recipe.problem((*loc, "targets"), "selects no layer of the model (check targets and ignore)")
@@ -74,6 +78,12 @@ def validate(recipe: Recipe) -> Validation:
     source = resolve_model(recipe.model.name)
     config, kind = load_config(source, trust_remote_code=recipe.model.trust_remote_code)
     model = skeleton(config, kind, trust_remote_code=recipe.model.trust_remote_code)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    if quantization and quantization.get("quant_method") == QUANT_METHOD:  # a compress checkpoint: its layers
+        with init_empty_weights(include_buffers=True):
+            install_empty_modules(model, quantization.get("format_version"), quantization.get("layers") or {})
     problems, counts = recipe_problems(recipe, model)
     raise_problems(recipe, problems)
     return Validation(type(model).__name__, kind, counts)

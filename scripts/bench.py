@@ -48,12 +48,26 @@ class Method:
     kind: str  # "ours", or the peer's tool: "llmcompressor", "hqq"
     recipe: str = ""
     peer_method: str = ""
+    # Fine-tuning methods start from another method's checkpoint of the same run and bits (its time not counted),
+    # distil from the original model, and only run at the bit widths listed.
+    base: str = ""
+    only_bits: tuple[int, ...] = ()
+    settings: tuple[tuple[str, object], ...] = ()
 
 
 METHODS = [
     Method("rtn", "ours", recipe="recipes/default.yaml"),
     Method("nupes-data-free", "ours", recipe="recipes/nupes-data-free-w4.yaml"),
     Method("nupes", "ours", recipe="recipes/nupes-w3.yaml"),
+    Method("nupes+pv", "ours", recipe="recipes/pv-tune.yaml", base="nupes", only_bits=(2,)),
+    Method(
+        "nupes+ste",
+        "ours",
+        recipe="recipes/pv-tune.yaml",
+        base="nupes",
+        only_bits=(2,),
+        settings=(("stages.0.mode", "ste"),),
+    ),  # fmt: skip
     Method("llmcompressor-rtn", "llmcompressor", peer_method="rtn"),
     Method("llmcompressor-gptq", "llmcompressor", peer_method="gptq"),
     Method("hqq", "hqq"),
@@ -104,6 +118,8 @@ def main() -> None:
     rows: list[Row] = []
     for method in methods:
         for bits in bits_list:
+            if method.only_bits and bits not in method.only_bits:
+                continue
             row = Row(method.name, bits, args.group_size)
             out = CACHE / "runs" / f"{method.name}-w{bits}g{args.group_size}"
             try:
@@ -216,20 +232,18 @@ def ensure_peer_env() -> dict:
     return {p["name"]: p["version"] for p in json.loads(listing.stdout) if p["name"].lower() in wanted}
 
 
-def our_overrides(base: Path, out: Path, bits: int, group_size: int, samples: int) -> dict[str, object]:
+def our_overrides(method: Method, base: Path, out: Path, bits: int, group_size: int, samples: int) -> dict[str, object]:
     """What the benchmark sets on top of a method's recipe."""
-    return {
-        "model.name": str(base),
-        "export.out": str(out),
-        "stages.0.bits": bits,
-        "stages.0.group_size": group_size,
-        "data.calibration.num_samples": samples,
-    }
+    common = {"export.out": str(out), "data.calibration.num_samples": samples, **dict(method.settings)}
+    if method.base:  # fine-tune the base method's checkpoint of this run, distilling from the original model
+        start = CACHE / "runs" / f"{method.base}-w{bits}g{group_size}"
+        return {"model.name": str(start), "stages.0.teacher": str(base), **common}
+    return {"model.name": str(base), "stages.0.bits": bits, "stages.0.group_size": group_size, **common}
 
 
 def compress_ours(method: Method, base: Path, out: Path, bits: int, group_size: int, samples: int, row: Row) -> None:
     command = [sys.executable, "-m", "compress", "run", str(ROOT / method.recipe), "--force", "--no-eval"]
-    for key, value in our_overrides(base, out, bits, group_size, samples).items():
+    for key, value in our_overrides(method, base, out, bits, group_size, samples).items():
         command += ["--set", f"{key}={value}"]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
     read_our_figures(out, row)
@@ -277,9 +291,11 @@ def reuse(method: Method, base: Path, out: Path, row: Row, samples: int) -> bool
             return False
         from compress.recipe import load_recipe
 
-        wanted = load_recipe(ROOT / method.recipe, our_overrides(base, out, row.bits, row.group_size, samples))
+        wanted = load_recipe(ROOT / method.recipe, our_overrides(method, base, out, row.bits, row.group_size, samples))
         if yaml.safe_load((out / "recipe.yaml").read_text()) != wanted.to_dict():
             return False
+        if "files" not in json.loads((out / "report.json").read_text()):
+            return False  # written before checkpoints recorded their files' sha256: it cannot be verified on load
         read_our_figures(out, row)
     else:
         if not (out / "peer.json").is_file():
@@ -361,7 +377,8 @@ def markdown_table(results: dict) -> str:
         f"{results['seq_len']} tokens per text ({texts}). GPTQ calibrates on {results['calibration_samples']} "
         "windows from the first half of the same text. Peers are evaluated from their dequantized weights with our "
         "evaluation code; their sizes are their own packed checkpoints with float tensors counted at 16 bits. "
-        "Time is the compression step alone; peak RSS is the whole process.",
+        "Time is the compression step alone (for `+pv` and `+ste`, the fine-tuning of the `nupes` checkpoint of the "
+        "same run, whose own time is its row's); peak RSS is the whole process.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -20,6 +20,9 @@ class QuantizedLinear(nn.Module):
     format: str = ""
     in_features: int
     out_features: int
+    # Fine-tuning registers a zero `weight_probe` parameter of the dense weight's shape: the forward adds it, so
+    # its gradient is the loss's gradient with respect to the dense weight (what code updates need), while the
+    # continuous parameters still get their exact gradients through `dequantize()`. Removed before export.
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -62,7 +65,28 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+        weight = self.dequantize()
+        probe = self._parameters.get("weight_probe")
+        if probe is not None:
+            weight = weight + probe
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    def attach_probe(self) -> nn.Parameter:
+        """Register and return the zero `weight_probe` (see above)."""
+        probe = nn.Parameter(torch.zeros(self.out_features, self.in_features, device=self.scales_device()))
+        self.register_parameter("weight_probe", probe)
+        return probe
+
+    def detach_probe(self) -> None:
+        if "weight_probe" in self._parameters:
+            del self._parameters["weight_probe"]
+
+    def scales_device(self) -> torch.device:
+        return next(iter(self.state_dict().values())).device
+
+    def continuous_parameters(self) -> list[nn.Parameter]:
+        """The format's learnable floating parameters (scales, exponents, codebooks), bias excluded."""
+        return [p for name, p in self.named_parameters() if name not in ("bias", "weight_probe")]
 
     def extra_repr(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.settings().items())

@@ -17,7 +17,11 @@ def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 class GroupedGridLinear(QuantizedLinear):
-    """Holds `qweight` (codes, packed per row), `qzeros` (zero points, packed flat) and `scales [out, groups]`."""
+    """Holds `qweight` (codes, packed per row), `qzeros` (zero points, packed flat) and `scales [out, groups]`.
+
+    `cache_codes` (set by fine-tuning, which dequantizes every step) keeps the unpacked codes between changes."""
+
+    cache_codes: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int) -> None:
         super().__init__(in_features, out_features, bias)
@@ -37,7 +41,14 @@ class GroupedGridLinear(QuantizedLinear):
         return self.in_features // self.group_size
 
     def codes(self) -> torch.Tensor:
-        return unpack_bits(self.qweight, self.bits, self.in_features).to(torch.int64)
+        if not self.cache_codes:
+            return unpack_bits(self.qweight, self.bits, self.in_features).to(torch.int64)
+        # Unpacked once per change of `qweight` (its version counter moves on every in-place write, loads included).
+        key = (self.qweight.data_ptr(), self.qweight._version)
+        if getattr(self, "_codes_key", None) != key:
+            self._codes_cache = unpack_bits(self.qweight, self.bits, self.in_features)
+            self._codes_key = key
+        return self._codes_cache.to(torch.int64)
 
     def set_codes(self, codes: torch.Tensor) -> None:
         self.qweight.copy_(pack_bits(codes, self.bits))
@@ -49,3 +60,35 @@ class GroupedGridLinear(QuantizedLinear):
     def set_grid(self, scales: torch.Tensor, zeros: torch.Tensor) -> None:
         self.scales.data.copy_(scales)
         self.qzeros.copy_(pack_bits(zeros.flatten(), self.bits))
+
+    def encode(self, weight: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Nearest codes for `weight` on the current grid, only where `mask` is true. A sparse mask (fine-tuning
+        re-encodes about 1% of the weights per step) is handled element by element, without touching the rest."""
+        weight = weight.detach().float()
+        scales, zeros = self.scales.detach(), self.zeros()
+        if mask is not None and int(mask.sum()) * 8 < mask.numel():
+            rows, columns = mask.nonzero(as_tuple=True)
+            groups = columns // self.group_size
+            chosen = self._nearest(
+                weight[rows, columns].unsqueeze(1), scales[rows, groups].unsqueeze(1), zeros[rows, groups].unsqueeze(1),
+                rows, group_size=1,
+            )  # fmt: skip
+            codes = self.codes().clone()
+            codes[rows, columns] = chosen.squeeze(1)
+        else:
+            codes = self._nearest(weight, scales, zeros, None, self.group_size)
+            if mask is not None:
+                codes = torch.where(mask, codes, self.codes())
+        self.set_codes(codes)
+
+    def _nearest(
+        self,
+        weight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        rows: torch.Tensor | None,
+        group_size: int,
+    ) -> torch.Tensor:
+        """Nearest codes (int64, shaped like `weight`) for weights grouped by `group_size` along their last dimension
+        with one scale and zero per group; `rows` names the output row of each row of `weight` (None: all rows)."""
+        raise NotImplementedError

@@ -139,10 +139,15 @@ class PowerLinear(GroupedGridLinear):
     def dequantize(self) -> torch.Tensor:
         return decode(self.codes(), self.scales, self.zeros(), self.exponents.clamp_min(MIN_EXPONENT), self.group_size)
 
-    def encode(self, weight: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        codes, _ = nearest_codes(
-            weight.detach(), self.scales.detach(), self.zeros(), self.exponents.detach(), self.bits, self.group_size
-        )
-        if mask is not None:
-            codes = torch.where(mask, codes, self.codes())
-        self.set_codes(codes)
+    def _nearest(
+        self,
+        weight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        rows: torch.Tensor | None,
+        group_size: int,
+    ) -> torch.Tensor:
+        exponent = self.exponents.detach().clamp_min(MIN_EXPONENT)
+        if rows is not None and exponent.numel() > 1:
+            exponent = exponent[rows]
+        return nearest_codes(weight, scales, zeros, exponent, self.bits, group_size)[0]

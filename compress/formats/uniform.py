@@ -73,8 +73,12 @@ class UniformLinear(GroupedGridLinear):
     def dequantize(self) -> torch.Tensor:
         return dequantize_grid(self.codes(), self.scales, self.zeros(), self.group_size)
 
-    def encode(self, weight: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        codes = round_to_grid(weight, self.scales.detach(), self.zeros(), self.bits, self.group_size)
-        if mask is not None:
-            codes = torch.where(mask, codes, self.codes())
-        self.set_codes(codes)
+    def _nearest(
+        self,
+        weight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        rows: torch.Tensor | None,
+        group_size: int,
+    ) -> torch.Tensor:
+        return round_to_grid(weight, scales, zeros, self.bits, group_size)
