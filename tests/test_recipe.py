@@ -23,7 +23,10 @@ def test_defaults_and_round_trip():
 
 
 MALFORMED = [
-    ("stages:\n  - stage: nonsense\n", "line 2: stages[0].stage: unknown stage; valid stages are nupes, pv_tuning, rtn"),
+    (
+        "stages:\n  - stage: nonsense\n",
+        "line 2: stages[0].stage: unknown stage; valid stages are nupes, pv_tuning, rtn",
+    ),
     (
         "stages:\n  - stage: rtn\n    bits: 9\n",
         "line 3: stages[0].bits: Input should be less than or equal to 8 (got 9)",
