@@ -56,7 +56,7 @@ class Method:
 
 
 METHODS = [
-    Method("rtn", "ours", recipe="recipes/default.yaml"),
+    Method("rtn", "ours", recipe="recipes/rtn-w4.yaml"),
     Method("nupes-data-free", "ours", recipe="recipes/nupes-data-free-w4.yaml"),
     Method("nupes", "ours", recipe="recipes/nupes-w3.yaml"),
     Method("nupes+pv", "ours", recipe="recipes/pv-tune.yaml", base="nupes", only_bits=(2,)),
