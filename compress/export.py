@@ -212,10 +212,9 @@ def load(
 
 def check_checkpoint(path: Path, *, verify: bool = True, trust_remote_code: bool = False):
     """Everything `load` checks before reading tensors; returns the config."""
-    from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from compress.hf import install_empty_modules
+    from compress.hf import install_from_config
     from compress.integrity import expected_tensors, read_safetensors_header, tensor_problems, verify_files
     from compress.models import skeleton
 
@@ -234,16 +233,9 @@ def check_checkpoint(path: Path, *, verify: bool = True, trust_remote_code: bool
         raise CompressError(f"{where}: config.json could not be read ({error})") from error
     model = skeleton(config, "causal-lm" if _is_causal(config) else "encoder", trust_remote_code=trust_remote_code)
     quantization = getattr(config, "quantization_config", None)
-    if quantization is not None:
-        settings = quantization if isinstance(quantization, dict) else quantization.to_dict()
-        if settings.get("quant_method") != QUANT_METHOD:
-            raise CompressError(f"{where}: quantization_config.quant_method is {settings.get('quant_method')!r}, "
-                                f"not {QUANT_METHOD!r}")  # fmt: skip
-        layers = settings.get("layers")
-        if not isinstance(layers, dict):
-            raise CompressError(f"{where}: quantization_config.layers must map layer names to their settings")
-        with init_empty_weights(include_buffers=True):
-            install_empty_modules(model, settings.get("format_version"), layers)
+    if quantization is not None and not install_from_config(model, config, where):
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+        raise CompressError(f"{where}: quantization_config.quant_method is {method!r}, not {QUANT_METHOD!r}")
     expected, tied = expected_tensors(model)
     problems = tensor_problems(stored, expected, tied)
     if problems:

@@ -78,3 +78,22 @@ def install_empty_modules(model: nn.Module, format_version: int, layers: dict[st
                 f"checkpoint layer {name!r} has invalid {format_name} settings {settings}: {error}"
             ) from error
         replace_module(model, name, module.to(original.weight.device))
+
+
+def install_from_config(model: nn.Module, config, where: str) -> bool:
+    """On a meta skeleton built from `config`: install the compressed layers its `quantization_config` lists.
+    Returns False when the config has no quantization of ours; `where` names the checkpoint in errors."""
+    from accelerate import init_empty_weights
+
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return False
+    settings = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    if settings.get("quant_method") != QUANT_METHOD:
+        return False
+    layers = settings.get("layers")
+    if not isinstance(layers, dict):
+        raise CompressError(f"{where}: quantization_config.layers must map layer names to their settings")
+    with init_empty_weights(include_buffers=True):
+        install_empty_modules(model, settings.get("format_version"), layers)
+    return True

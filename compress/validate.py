@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from accelerate import init_empty_weights
 from torch import nn
 
 from compress.data import local_source_problem
 from compress.errors import CompressError
 from compress.formats.base import QuantizedLinear
-from compress.hf import QUANT_METHOD, install_empty_modules
+from compress.hf import install_from_config
 from compress.models import load_config, resolve_model, skeleton
 from compress.recipe import Recipe
 from compress.registry import STAGES
@@ -78,12 +77,7 @@ def validate(recipe: Recipe) -> Validation:
     source = resolve_model(recipe.model.name)
     config, kind = load_config(source, trust_remote_code=recipe.model.trust_remote_code)
     model = skeleton(config, kind, trust_remote_code=recipe.model.trust_remote_code)
-    quantization = getattr(config, "quantization_config", None)
-    if quantization is not None and not isinstance(quantization, dict):
-        quantization = quantization.to_dict()
-    if quantization and quantization.get("quant_method") == QUANT_METHOD:  # a compress checkpoint: its layers
-        with init_empty_weights(include_buffers=True):
-            install_empty_modules(model, quantization.get("format_version"), quantization.get("layers") or {})
+    install_from_config(model, config, f"model {recipe.model.name!r}")  # a compress checkpoint: its layers
     problems, counts = recipe_problems(recipe, model)
     raise_problems(recipe, problems)
     return Validation(type(model).__name__, kind, counts)
