@@ -20,6 +20,7 @@ from torch import nn
 from compress.errors import CompressError, NumericError
 from compress.formats.base import QuantizedLinear
 from compress.hf import FORMAT_VERSION, QUANT_METHOD, CompressConfig
+from compress.prune.structure import structure_record
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +148,19 @@ def save_checkpoint(
     """Write weights, config and tokenizer into `directory` (a temporary directory from `atomic_directory`)."""
     config = model.config
     config.architectures = [type(model).__name__]
-    if export_format == "packed":
-        tensors = packed_state_dict(model)
-        saved = config.to_dict()
-        saved["quantization_config"] = CompressConfig(FORMAT_VERSION, layer_settings(model)).to_dict()
-        metadata = {"format": "pt", "quant_method": QUANT_METHOD, "format_version": str(FORMAT_VERSION)}
-    else:
-        tensors = dense_state_dict(model, config)
-        saved = config.to_dict()
-        saved.pop("quantization_config", None)
-        metadata = {"format": "pt"}
+    structure = structure_record(model)  # a pruned model whose blocks differ in size
+    version = FORMAT_VERSION if structure is not None else 1
+    packed = export_format == "packed"
+    layers = layer_settings(model) if packed else {}
+    tensors = packed_state_dict(model) if packed else dense_state_dict(model, config)
+    saved = config.to_dict()
+    saved.pop("quantization_config", None)
+    metadata = {"format": "pt"}
+    if layers or structure is not None:  # else a stock checkpoint: nothing compressed, blocks as the config says
+        if structure is not None and not packed:
+            log.warning("the blocks of the model differ in size: the dense checkpoint records them and needs compress")
+        saved["quantization_config"] = CompressConfig(version, layers, structure).to_dict()
+        metadata.update(quant_method=QUANT_METHOD, format_version=str(version))
     save_safetensors(tensors, directory / WEIGHTS_FILE, metadata)
     (directory / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True, default=str) + "\n")
     generation = getattr(model, "generation_config", None)

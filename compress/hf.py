@@ -12,20 +12,31 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compress.errors import CompressError
 from compress.models import dense_weight, is_linear, replace_module
+from compress.prune.structure import apply_structure
 from compress.registry import FORMATS
 
 QUANT_METHOD = "compress"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # version 2 adds `structure` (per-block sizes of a pruned model); 1 is written without it
+READABLE_VERSIONS = (1, 2)
 
 
 @register_quantization_config(QUANT_METHOD)
 class CompressConfig(QuantizationConfigMixin):
-    """The `quantization_config` block of config.json: format version and every compressed layer's format."""
+    """The `quantization_config` block of config.json: format version, every compressed layer's format, and the
+    per-block sizes of a pruned model whose blocks differ (`structure`, version 2)."""
 
-    def __init__(self, format_version: int = FORMAT_VERSION, layers: dict[str, dict[str, Any]] | None = None, **kwargs):
+    def __init__(
+        self,
+        format_version: int = FORMAT_VERSION,
+        layers: dict[str, dict[str, Any]] | None = None,
+        structure: dict[str, dict[str, int]] | None = None,
+        **kwargs,
+    ):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.layers = layers or {}
+        if structure is not None:
+            self.structure = structure
 
 
 @register_quantizer(QUANT_METHOD)
@@ -33,7 +44,9 @@ class CompressQuantizer(HfQuantizer):
     requires_calibration = True
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> None:
-        install_empty_modules(model, self.quantization_config.format_version, self.quantization_config.layers)
+        config = self.quantization_config
+        structure = getattr(config, "structure", None)
+        install_compressed(model, config.format_version, config.layers, structure, "checkpoint")
 
     def is_serializable(self, **kwargs) -> bool:
         return False  # export goes through compress.export, which writes the packed format
@@ -43,12 +56,25 @@ class CompressQuantizer(HfQuantizer):
         return True
 
 
-def install_empty_modules(model: nn.Module, format_version: int, layers: dict[str, dict[str, Any]]) -> None:
-    """Swap each listed linear for an empty module of its format, so the checkpoint's tensors load into it."""
-    if format_version != FORMAT_VERSION:
+def install_compressed(
+    model: nn.Module, format_version: int, layers: dict[str, dict[str, Any]], structure: Any, where: str
+) -> None:
+    """Resize the blocks to a pruned checkpoint's `structure` (if any), then swap each listed linear for an empty
+    module of its format, so the checkpoint's tensors load into them."""
+    if format_version not in READABLE_VERSIONS:
         raise CompressError(
-            f"checkpoint format version {format_version} is not supported by this compress (it reads {FORMAT_VERSION})"
+            f"{where}: format version {format_version!r} is not supported by this compress (it reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
+    if structure is not None:
+        if format_version < 2:
+            raise CompressError(f"{where}: quantization_config.structure needs format version 2, not {format_version}")
+        apply_structure(model, structure, where)
+    install_empty_modules(model, layers)
+
+
+def install_empty_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
+    """Swap each listed linear for an empty module of its format, so the checkpoint's tensors load into it."""
     for name, settings in layers.items():
         if not isinstance(settings, dict):
             raise CompressError(f"checkpoint layer {name!r}: its settings must be a mapping, got {settings!r}")
@@ -95,5 +121,5 @@ def install_from_config(model: nn.Module, config, where: str) -> bool:
     if not isinstance(layers, dict):
         raise CompressError(f"{where}: quantization_config.layers must map layer names to their settings")
     with init_empty_weights(include_buffers=True):
-        install_empty_modules(model, settings.get("format_version"), layers)
+        install_compressed(model, settings.get("format_version"), layers, settings.get("structure"), where)
     return True
