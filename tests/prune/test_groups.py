@@ -12,6 +12,15 @@ from tests.conftest import build_model
 KINDS = ["mlp_channels", "attention_heads"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than a thread pool, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def output(model, ids):
     with torch.no_grad():
         result = model(input_ids=ids)

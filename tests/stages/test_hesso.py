@@ -1,0 +1,136 @@
+"""HESSO: the schedule and selection math, the invariants of training (groups shrink to exactly zero over their
+period and stay there; nothing is pruned at step 1), the asked sparsity, and checkpoints that load back."""
+
+import json
+
+import pytest
+import torch
+
+import compress
+from compress import pipeline
+from compress.errors import CompressError
+from compress.prune.groups import zero_groups
+from compress.solvers.hesso import (
+    Schedule,
+    criteria,
+    cumulative_target,
+    round_kept,
+    saliency,
+    select,
+    shrink_factor,
+)
+from compress.stages import hesso
+from tests.conftest import tiny_recipe
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than a thread pool, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_schedule_phases_and_linear_shrink_to_exactly_zero():
+    schedule = Schedule(warmup_steps=3, periods=2, steps_per_period=4, recovery_steps=5)
+    assert schedule.total_steps == 16 and schedule.pruning_ends == 11
+    assert [schedule.phase(s) for s in (1, 3, 4, 7, 8, 11, 12)] == [None, None, (0, 1), (0, 4), (1, 1), (1, 4), None]
+    value, held = 1.0, []
+    for k in range(1, 5):
+        value *= shrink_factor(k, 4)
+        held.append(value)
+    assert held[:3] == pytest.approx([0.75, 0.5, 0.25]) and held[3] == 0.0
+    assert [cumulative_target(100, 0.3, p, 3) for p in range(3)] == [10, 20, 30]
+
+
+def test_saliency_normalises_each_criterion_and_drops_uninformative_ones():
+    weights = torch.tensor([[3.0, 4.0], [0.0, 1.0], [1.0, 0.0]])
+    raw = criteria(weights, gradient=torch.zeros(3, 2), direction=-weights)
+    assert raw["magnitude"].tolist() == [5.0, 1.0, 1.0] and raw["taylor"].tolist() == [0.0, 0.0, 0.0]
+    assert raw["cosine"].tolist() == pytest.approx([0.0, 0.0, 0.0])  # the update pulls every group to zero
+    scores = saliency(raw, {"magnitude": 1.0, "taylor": 1.0, "cosine": 0.0})
+    assert scores.tolist() == pytest.approx([1.0, 0.2, 0.2])
+
+
+def test_selection_keeps_one_group_per_block_and_rounds_widths():
+    scores = torch.tensor([0.1, 0.2, 0.3, 5.0, 0.05, 0.06])
+    owner = torch.tensor([0, 0, 0, 0, 1, 1])
+    pruned = torch.tensor([False, False, False, False, False, True])
+    chosen = select(scores, owner, pruned, count=4)
+    assert chosen.tolist() == [True, True, True, False, False, False]  # family 1 keeps its last group
+    scores = torch.arange(16.0)
+    owner = torch.zeros(16, dtype=torch.long)
+    chosen = select(scores, owner, torch.zeros(16, dtype=torch.bool), count=5)
+    rounded = round_kept(scores, owner, torch.zeros(16, dtype=torch.bool), chosen, multiple=4)
+    assert int(rounded.sum()) == 4 and rounded[:4].all()  # keeps 12 (a multiple of 4), not 11
+
+
+def run(model_dir, tmp_path, name="out", **settings):
+    stage = {"stage": "hesso", "warmup_steps": 2, "pruning_periods": 2, "steps_per_period": 3, "recovery_steps": 4,
+             "eval_every": 2, "learning_rate": 1e-3, "validation_windows": 2, **settings}  # fmt: skip
+    return pipeline.run(tiny_recipe(model_dir, tmp_path / name, [stage]), evaluate=False)
+
+
+def test_groups_shrink_over_their_period_and_stay_at_zero(model_dirs, tmp_path, monkeypatch):
+    seen = []
+    after_update = hesso._Pruner.after_update
+
+    def checked(self, saved, factor):
+        after_update(self, saved, factor)
+        pruned = sum(int(m.sum()) for m in self.pruned)
+        shrinking = [int(m.sum()) for m in self.shrinking]
+        zero = [bool(zero_groups(self.model, f)[m].all()) for f, m in zip(self.families, self.pruned, strict=True)]
+        norms = [float(torch.cat([torch.zeros(0), *(v.flatten() for v in values)]).norm()) for _, _, values in saved]
+        seen.append({"pruned": pruned, "shrinking": sum(shrinking), "zero": all(zero), "factor": factor,
+                     "saved": norms})  # fmt: skip
+
+    commit = hesso._Pruner.commit
+
+    def committed(self):
+        for family, mask in zip(self.families, self.shrinking, strict=True):
+            assert bool(zero_groups(self.model, family)[mask].all())  # exactly zero at the end of the period
+        commit(self)
+
+    monkeypatch.setattr(hesso._Pruner, "after_update", checked)
+    monkeypatch.setattr(hesso._Pruner, "commit", committed)
+    run(model_dirs["llama"], tmp_path)
+    assert [s["shrinking"] for s in seen[:3]] == [0, 0, 32]  # warm-up, then half the target: 32 channels, 0 heads
+    assert seen[0]["pruned"] == 0 and all(s["zero"] for s in seen)
+    first = [s["saved"][0] for s in seen[2:5]]  # a shrinking group's values before each step of its period
+    assert first[1] == pytest.approx(first[0] * 2 / 3, rel=1e-5) and first[2] == pytest.approx(first[0] / 3, rel=1e-5)
+    assert [s["pruned"] for s in seen[-4:]] == [65] * 4
+
+
+def test_asked_sparsity_per_layer_gives_a_stock_checkpoint(model_dirs, tmp_path):
+    result = run(model_dirs["llama"], tmp_path, distribution="per_layer", head_groups="query")
+    metrics = result.report.stages[0].metrics
+    assert metrics["pruned"] == {"mlp_channels": "64/256", "attention_heads": "0/4"}  # 25% of 2 groups rounds to 0
+    assert metrics["stock_config"] and metrics["parameters_after"] < metrics["parameters_before"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config and config["intermediate_size"] == 96
+    ids = torch.randint(3, 320, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(compress.load(tmp_path / "out")(input_ids=ids).logits, result.model(input_ids=ids).logits)
+
+
+def test_global_ranking_with_cric_and_next_token_loss(model_dirs, tmp_path):
+    result = run(model_dirs["qwen2"], tmp_path, cric=True, loss="next_token", target_sparsity=0.5)
+    metrics = result.report.stages[0].metrics
+    assert metrics["pruned"] == {"mlp_channels": "128/256", "attention_heads": "2/4"}
+    blocks = metrics["blocks"]
+    assert sum(b["intermediate_size"] for b in blocks.values()) == 128
+    ids = torch.randint(3, 320, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(compress.load(tmp_path / "out")(input_ids=ids).logits, result.model(input_ids=ids).logits)
+
+
+def test_encoders_distil_embeddings_and_refuse_next_token_losses(model_dirs, tmp_path):
+    stage = {"stage": "hesso", "warmup_steps": 1, "pruning_periods": 1, "steps_per_period": 2, "recovery_steps": 2,
+             "validation_windows": 2, "target_sparsity": 0.3, "learning_rate": 1e-3}  # fmt: skip
+    result = pipeline.run(tiny_recipe(model_dirs["bert"], tmp_path / "bert", [stage]))
+    assert result.report.stages[0].metrics["loss"] == "embedding"
+    assert result.report.stages[0].metrics["pruned"] == {"mlp_channels": "77/256", "attention_heads": "2/8"}
+    assert result.report.after["embedding_cosine"] > 0.9
+    with pytest.raises(CompressError, match="loss 'kl' needs a causal language model"):
+        pipeline.run(tiny_recipe(model_dirs["bert"], tmp_path / "x", [{**stage, "loss": "kl"}]), evaluate=False)
