@@ -110,3 +110,17 @@ def tokens_per_second(model: nn.Module, windows: torch.Tensor, batch_size: int, 
         model(input_ids=batch)
         best = min(best, time.perf_counter() - start)
     return batch.numel() / best
+
+
+@torch.no_grad()
+def masked_sentence_embeddings(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Embeddings of whole sentences as sentence-transformers makes them: each sentence tokenized with its special
+    tokens, batches padded, the last hidden states mean-pooled over real tokens only, then L2-normalised
+    `[len(sentences), hidden]`. Compare two models by the mean of the row-wise dot products (cosine)."""
+    pooled = []
+    for start in range(0, len(sentences), batch_size):
+        batch = tokenizer(sentences[start : start + batch_size], padding=True, truncation=True, return_tensors="pt")
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1).float())
+    return torch.cat(pooled)
