@@ -49,3 +49,19 @@ def test_quantized_bits_counts_only_compressed_layers():
     bits, weights = quantized_bits(model)
     assert bits == pytest.approx(2 + 18 / 64)
     assert weights == 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)  # q,o + k,v (2 KV heads) + gate, up, down
+
+
+def test_sentence_embeddings_ignore_padding(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from compress.eval import masked_sentence_embeddings
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.pad_token = "<unk>"
+    model = build_model("bert")
+    short, long = "A short sentence.", "A much longer sentence, with many more words than the first one has."
+    alone = masked_sentence_embeddings(model, tokenizer, [short])
+    padded = masked_sentence_embeddings(model, tokenizer, [short, long])
+    assert padded.shape == (2, 64) and torch.allclose(padded.norm(dim=-1), torch.ones(2))
+    assert torch.allclose(alone[0], padded[0], atol=1e-5)  # the padding of the shorter sentence changes nothing
+    assert float(padded[0] @ padded[1]) < 0.9999
