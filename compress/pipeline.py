@@ -131,6 +131,7 @@ def run(recipe: Recipe, *, force: bool = False, evaluate: bool = True) -> RunRes
         report.after = evaluation.measure(model, original=False)
         evaluation.close()
     report.after["bits_per_weight"], report.after["quantized_weights"] = quantized_bits(model)
+    report.after["parameters"] = count_parameters(model)  # fewer after pruning
     report.layers = context.layers
 
     if not main_process:

@@ -40,6 +40,8 @@ class Report:
                 rows.append((label, _fmt(self.before.get(key)), _fmt(self.after.get(key))))
         if "kl_to_original" in self.after:
             rows.append(("KL to original (nats/token)", "0", _fmt(self.after["kl_to_original"])))
+        if self.after.get("parameters", self.model.get("parameters")) != self.model.get("parameters"):
+            rows.append(("parameters", _fmt(self.model.get("parameters")), _fmt(self.after.get("parameters"))))
         rows.append(("bits per weight (quantized layers)", "16", _fmt(self.after.get("bits_per_weight"))))
         rows.append(("size on disk", _mb(self.size.get("dense_fp16_bytes")), _mb(self.size.get("checkpoint_bytes"))))
         rows.append(

@@ -132,5 +132,6 @@ def test_encoders_distil_embeddings_and_refuse_next_token_losses(model_dirs, tmp
     assert result.report.stages[0].metrics["loss"] == "embedding"
     assert result.report.stages[0].metrics["pruned"] == {"mlp_channels": "77/256", "attention_heads": "2/8"}
     assert result.report.after["embedding_cosine"] > 0.9
+    assert result.report.after["parameters"] < result.report.model["parameters"]
     with pytest.raises(CompressError, match="loss 'kl' needs a causal language model"):
         pipeline.run(tiny_recipe(model_dirs["bert"], tmp_path / "x", [{**stage, "loss": "kl"}]), evaluate=False)
