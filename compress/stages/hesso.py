@@ -12,8 +12,10 @@ sizes of each block (docs/FORMAT.md)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -39,6 +41,7 @@ from compress.solvers.hesso import (
 )
 from compress.solvers.pv import next_token_nll, teacher_topk, topk_kl
 from compress.stages.base import StageConfig
+from compress.train_state import discard_state, load_state, optimizer_tensors, restore_optimizer, save_state
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,12 @@ class HessoConfig(StageConfig):
     validation_windows: int = Field(4, ge=1, description="calibration windows held out to pick the best step")
     eval_every: int = Field(8, ge=1, description="steps between validations after pruning")
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    checkpoint_every: int = Field(
+        0,
+        ge=0,
+        description="steps between training checkpoints beside the output (0: none); a rerun resumes from "
+        "the last. A checkpoint holds the model, Adam's moments and the best snapshot: about 4x the model's size",
+    )
 
     def schedule(self) -> Schedule:
         return Schedule(self.warmup_steps, self.pruning_periods, self.steps_per_period, self.recovery_steps)
@@ -135,12 +144,16 @@ def apply(model: nn.Module, config: HessoConfig, context) -> None:
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     wrapped = accelerator.prepare_model(model)
     pruner = _Pruner(model, families, config, optimizer, lambda: loss.evaluate(model, windows, torch.arange(2)))
-
-    history = [{"step": 0, **loss.evaluate(model, windows, validation)}]
-    best: tuple[dict, int, dict[str, torch.Tensor] | None] = ({"loss": math.inf}, 0, None)
-    losses = []
-    progress = tqdm(range(1, schedule.total_steps + 1), desc="hesso", unit="step",
-                    disable=not accelerator.is_main_process)  # fmt: skip
+    checkpoint = _Checkpoint(context, config, model, optimizer, pruner, generator, loss.teacher, accelerator)
+    resumed = checkpoint.resume()
+    if resumed is None:
+        start, losses, best = 1, [], ({"loss": math.inf}, 0, None)
+        history = [{"step": 0, **loss.evaluate(model, windows, validation)}]
+    else:
+        start, losses, history, best = resumed
+        log.info("hesso: resumed from the checkpoint of step %d in %s", start - 1, checkpoint.directory)
+    progress = tqdm(range(start, schedule.total_steps + 1), desc="hesso", unit="step", initial=start - 1,
+                    total=schedule.total_steps, disable=not accelerator.is_main_process)  # fmt: skip
     for step in progress:
         phase = schedule.phase(step)
         if phase is not None and phase[1] == 1:
@@ -166,6 +179,9 @@ def apply(model: nn.Module, config: HessoConfig, context) -> None:
             log.info("hesso step %d: validation %s", step, measured)
             if measured["loss"] < best[0]["loss"]:
                 best = (measured, step, {n: p.detach().clone() for n, p in model.named_parameters()})
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < schedule.total_steps:
+            checkpoint.save(step, losses, history, best)
+    checkpoint.discard()
     if best[2] is not None and best[1] != schedule.total_steps:
         with torch.no_grad():
             for name, parameter in model.named_parameters():
@@ -185,6 +201,65 @@ def apply(model: nn.Module, config: HessoConfig, context) -> None:
         "validation": history,
         "train_loss": [round(v, 5) for v in losses[::10]],
     })  # fmt: skip
+
+
+class _Checkpoint:
+    """The training state beside the output (`.<out>.hesso/`, through compress.train_state): parameters, Adam's
+    state, which groups are pruned or shrinking, the best snapshot and the sampler, so that running the same recipe
+    again after a crash resumes at the step after the last checkpoint and ends with the same model."""
+
+    def __init__(self, context, config: HessoConfig, model, optimizer, pruner, generator, teacher, accelerator):
+        out = Path(context.recipe.export.out)
+        self.directory = out.parent / f".{out.name}.hesso"
+        self.config, self.model, self.optimizer, self.pruner = config, model, optimizer, pruner
+        self.generator, self.accelerator = generator, accelerator
+        self.fingerprint = _fingerprint(config, model, teacher) if config.checkpoint_every else ""
+
+    def save(self, step: int, losses: list[float], history: list[dict], best: tuple) -> None:
+        if self.accelerator.is_main_process:
+            tensors = {f"model.{n}": p for n, p in self.model.named_parameters()}
+            tensors.update({f"best.{n}": t for n, t in (best[2] or {}).items()})
+            tensors.update({f"pruned.{i}": m.to(torch.uint8) for i, m in enumerate(self.pruner.pruned)})
+            tensors.update({f"shrinking.{i}": m.to(torch.uint8) for i, m in enumerate(self.pruner.shrinking)})
+            tensors.update(optimizer_tensors("adam", self.optimizer))
+            tensors["generator"] = self.generator.get_state()
+            meta = {"fingerprint": self.fingerprint, "step": step, "losses": losses, "history": history,
+                    "best": [best[0], best[1]]}  # fmt: skip
+            save_state(self.directory, tensors, meta)
+        self.accelerator.wait_for_everyone()
+
+    @torch.no_grad()
+    def resume(self):
+        """`(next step, losses, history, best)` from a checkpoint of this very training, or None."""
+        found = load_state(self.directory) if self.config.checkpoint_every else None
+        if found is None:
+            return None
+        tensors, meta = found
+        if meta.get("fingerprint") != self.fingerprint:
+            log.warning("hesso: ignoring the checkpoint in %s, made by another run", self.directory)
+            return None
+        for name, parameter in self.model.named_parameters():
+            parameter.copy_(tensors[f"model.{name}"])
+        for i in range(len(self.pruner.pruned)):
+            self.pruner.pruned[i] = tensors[f"pruned.{i}"].bool()
+            self.pruner.shrinking[i] = tensors[f"shrinking.{i}"].bool()
+        restore_optimizer("adam", self.optimizer, tensors)
+        self.generator.set_state(tensors["generator"])
+        snapshot = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")} or None
+        return meta["step"] + 1, meta["losses"], meta["history"], (meta["best"][0], meta["best"][1], snapshot)
+
+    def discard(self) -> None:
+        if self.config.checkpoint_every and self.accelerator.is_main_process:
+            discard_state(self.directory)
+
+
+def _fingerprint(config: HessoConfig, model: nn.Module, teacher: tuple[torch.Tensor, ...]) -> str:
+    """What a checkpoint must match to be resumed: the settings, the starting model and the teacher."""
+    digest = hashlib.sha256(config.model_dump_json().encode())
+    for name, tensor in [*model.named_parameters(), *((f"teacher.{i}", t) for i, t in enumerate(teacher))]:
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -135,3 +135,29 @@ def test_encoders_distil_embeddings_and_refuse_next_token_losses(model_dirs, tmp
     assert result.report.after["parameters"] < result.report.model["parameters"]
     with pytest.raises(CompressError, match="loss 'kl' needs a causal language model"):
         pipeline.run(tiny_recipe(model_dirs["bert"], tmp_path / "x", [{**stage, "loss": "kl"}]), evaluate=False)
+
+
+def test_a_killed_training_resumes_to_the_same_checkpoint(model_dirs, tmp_path, monkeypatch):
+    settings = {"checkpoint_every": 3, "cric": True}
+    run(model_dirs["llama"], tmp_path, "reference", **settings)
+    step, calls = hesso._step, []
+
+    def killed_at_the_eighth_step(*args):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt  # as a kill after step 7; the last checkpoint is that of step 6
+        return step(*args)
+
+    monkeypatch.setattr(hesso, "_step", killed_at_the_eighth_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(model_dirs["llama"], tmp_path, **settings)
+    checkpoint = tmp_path / ".out.hesso"
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 6 and not (tmp_path / "out").exists()
+    calls.clear()
+    monkeypatch.setattr(hesso, "_step", lambda *args: calls.append(1) or step(*args))
+    run(model_dirs["llama"], tmp_path, **settings)
+    assert len(calls) == 6  # steps 7 to 12 only
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        tmp_path / "reference" / "model.safetensors"
+    ).read_bytes()
+    assert not checkpoint.exists()
