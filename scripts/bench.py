@@ -46,7 +46,8 @@ BASE_MODEL = "smollm2-135m"
 class Method:
     name: str
     kind: str  # "ours", or the peer's tool: "llmcompressor", "hqq"
-    recipe: str = ""
+    recipe: str = ""  # "{bits}" in it is replaced by the bit width
+    grid: bool = True  # the recipe's first stage takes `bits` and `group_size` (codebook methods set their own size)
     peer_method: str = ""
     # Fine-tuning methods start from another method's checkpoint of the same run and bits (its time not counted),
     # distil from the original model, and only run at the bit widths listed.
@@ -68,6 +69,15 @@ METHODS = [
         only_bits=(2,),
         settings=(("stages.0.mode", "ste"),),
     ),  # fmt: skip
+    Method("jlcm", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2, 3)),
+    # Ablations of jlcm (issue: each must cost quality): one codebook per layer; k-means initialisation only;
+    # joint learning with plain nearest re-assignment instead of the proximal rule.
+    Method("jlcm-no-grouping", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
+           settings=(("stages.0.grouping", "none"),)),  # fmt: skip
+    Method("jlcm-kmeans-only", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
+           settings=(("stages.0.steps", 0),)),  # fmt: skip
+    Method("jlcm-no-proximal", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
+           settings=(("stages.0.proximal", False),)),  # fmt: skip
     Method("llmcompressor-rtn", "llmcompressor", peer_method="rtn"),
     Method("llmcompressor-gptq", "llmcompressor", peer_method="gptq"),
     Method("hqq", "hqq"),
@@ -238,11 +248,17 @@ def our_overrides(method: Method, base: Path, out: Path, bits: int, group_size: 
     if method.base:  # fine-tune the base method's checkpoint of this run, distilling from the original model
         start = CACHE / "runs" / f"{method.base}-w{bits}g{group_size}"
         return {"model.name": str(start), "stages.0.teacher": str(base), **common}
+    if not method.grid:
+        return {"model.name": str(base), **common}
     return {"model.name": str(base), "stages.0.bits": bits, "stages.0.group_size": group_size, **common}
 
 
+def recipe_path(method: Method, bits: int) -> Path:
+    return ROOT / method.recipe.format(bits=bits)
+
+
 def compress_ours(method: Method, base: Path, out: Path, bits: int, group_size: int, samples: int, row: Row) -> None:
-    command = [sys.executable, "-m", "compress", "run", str(ROOT / method.recipe), "--force", "--no-eval"]
+    command = [sys.executable, "-m", "compress", "run", str(recipe_path(method, bits)), "--force", "--no-eval"]
     for key, value in our_overrides(method, base, out, bits, group_size, samples).items():
         command += ["--set", f"{key}={value}"]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
@@ -291,7 +307,8 @@ def reuse(method: Method, base: Path, out: Path, row: Row, samples: int) -> bool
             return False
         from compress.recipe import load_recipe
 
-        wanted = load_recipe(ROOT / method.recipe, our_overrides(method, base, out, row.bits, row.group_size, samples))
+        overrides = our_overrides(method, base, out, row.bits, row.group_size, samples)
+        wanted = load_recipe(recipe_path(method, row.bits), overrides)
         if yaml.safe_load((out / "recipe.yaml").read_text()) != wanted.to_dict():
             return False
         if "files" not in json.loads((out / "report.json").read_text()):

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.formats.packing import unpack_bits
+
 
 class QuantizedLinear(nn.Module):
     """An `nn.Linear` replacement holding integer codes and continuous parameters.
@@ -20,6 +22,7 @@ class QuantizedLinear(nn.Module):
     format: str = ""
     in_features: int
     out_features: int
+    cache_codes: bool = False  # set by fine-tuning, which dequantizes every step: keep unpacked codes between changes
     # Fine-tuning registers a zero `weight_probe` parameter of the dense weight's shape: the forward adds it, so
     # its gradient is the loss's gradient with respect to the dense weight (what code updates need), while the
     # continuous parameters still get their exact gradients through `dequantize()`. Removed before export.
@@ -32,6 +35,17 @@ class QuantizedLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+
+    def unpacked(self, packed: torch.Tensor, num_bits: int, count: int) -> torch.Tensor:
+        """`unpack_bits(packed, num_bits, count)` as int64; with `cache_codes`, unpacked once per change of `packed`
+        (its version counter moves on every in-place write, loads included)."""
+        if not self.cache_codes:
+            return unpack_bits(packed, num_bits, count).to(torch.int64)
+        key = (packed.data_ptr(), packed._version)
+        if getattr(self, "_codes_key", None) != key:
+            self._codes_cache = unpack_bits(packed, num_bits, count)
+            self._codes_key = key
+        return self._codes_cache.to(torch.int64)
 
     def settings(self) -> dict[str, Any]:
         """The per-layer settings written to `quantization_config.layers` (enough to rebuild the module)."""

@@ -17,11 +17,7 @@ def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 class GroupedGridLinear(QuantizedLinear):
-    """Holds `qweight` (codes, packed per row), `qzeros` (zero points, packed flat) and `scales [out, groups]`.
-
-    `cache_codes` (set by fine-tuning, which dequantizes every step) keeps the unpacked codes between changes."""
-
-    cache_codes: bool = False
+    """Holds `qweight` (codes, packed per row), `qzeros` (zero points, packed flat) and `scales [out, groups]`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int) -> None:
         super().__init__(in_features, out_features, bias)
@@ -41,14 +37,7 @@ class GroupedGridLinear(QuantizedLinear):
         return self.in_features // self.group_size
 
     def codes(self) -> torch.Tensor:
-        if not self.cache_codes:
-            return unpack_bits(self.qweight, self.bits, self.in_features).to(torch.int64)
-        # Unpacked once per change of `qweight` (its version counter moves on every in-place write, loads included).
-        key = (self.qweight.data_ptr(), self.qweight._version)
-        if getattr(self, "_codes_key", None) != key:
-            self._codes_cache = unpack_bits(self.qweight, self.bits, self.in_features)
-            self._codes_key = key
-        return self._codes_cache.to(torch.int64)
+        return self.unpacked(self.qweight, self.bits, self.in_features)
 
     def set_codes(self, codes: torch.Tensor) -> None:
         self.qweight.copy_(pack_bits(codes, self.bits))

@@ -10,6 +10,7 @@ The loss is the block's relative output error `||B_q(X) - Y||^2 / ||Y||^2` on ca
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,41 +80,63 @@ def reconstruct_block(
     `targets` from `inputs` (a `BlockInputs`, whose batches are the training batches).
 
     Returns the relative output error of each step's batch (the first is that of the starting codes)."""
+    latents = {name: LatentPowerLinear(layer, settings.min_exponent) for name, layer in layers.items()}
+    groups = [
+        {"params": [p.latent for p in latents.values()], "lr": settings.learning_rate},
+        {"params": [p.log_scales for p in latents.values()], "lr": settings.scale_learning_rate, "clip": True},
+        {"params": [p.exponent_logit for p in latents.values()], "lr": settings.exponent_learning_rate, "clip": True},
+    ]
+    return train_block(block, latents, groups, inputs, targets, settings.steps, settings.seed)
+
+
+def train_block(
+    block: nn.Module,
+    latents: dict[str, nn.Module],
+    parameter_groups: list[dict],
+    inputs,
+    targets: list[torch.Tensor],
+    steps: int,
+    seed: int,
+    after_step: Callable[[int], None] | None = None,
+) -> list[float]:
+    """The loop every block reconstruction shares: the `latents` (training stand-ins with a `write_back()` that
+    returns the final layer) replace their layers in `block`; Adam on `parameter_groups` (a group with
+    `"clip": True` has its gradient norm clipped to 1) minimises the relative output error
+    `||B(X) - Y||^2 / ||Y||^2` on one random calibration batch per step; `after_step(step)` runs after each update.
+    Afterwards the written-back layers replace the latents. Returns each step's loss (the first: before learning)."""
     from compress.models import replace_module
 
-    latents = {name: LatentPowerLinear(layer, settings.min_exponent) for name, layer in layers.items()}
     for name, latent in latents.items():
         replace_module(block, name, latent)
     for parameter in block.parameters():
         parameter.requires_grad_(False)
-    codes = [p.latent for p in latents.values()]
-    scales = [p.log_scales for p in latents.values()]
-    exponents = [p.exponent_logit for p in latents.values()]
-    for parameter in codes + scales + exponents:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.Adam(
-        [
-            {"params": codes, "lr": settings.learning_rate},
-            {"params": scales, "lr": settings.scale_learning_rate},
-            {"params": exponents, "lr": settings.exponent_learning_rate},
-        ]
-    )
-    generator = torch.Generator().manual_seed(settings.seed)
+    clipped = [p for group in parameter_groups if group.get("clip") for p in group["params"]]
+    for group in parameter_groups:
+        for parameter in group["params"]:
+            parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam([{k: v for k, v in g.items() if k != "clip"} for g in parameter_groups])
+    generator = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in range(settings.steps):
-        batch = int(torch.randint(len(inputs.hidden), (1,), generator=generator))
-        output = block(inputs.hidden[batch], *inputs.args[batch], **inputs.kwargs[batch])
-        output = output[0] if isinstance(output, (tuple, list)) else output
-        loss = (output - targets[batch]).pow(2).sum() / targets[batch].pow(2).sum()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            raise NumericError(f"block reconstruction: the loss became {losses[-1]} at step {len(losses)}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(exponents + scales, 1.0)
-        optimizer.step()
-    for name, latent in latents.items():
-        replace_module(block, name, latent.write_back())
-    for parameter in block.parameters():
-        parameter.requires_grad_(False)
+    try:
+        for step in range(steps):
+            batch = int(torch.randint(len(inputs.hidden), (1,), generator=generator))
+            output = block(inputs.hidden[batch], *inputs.args[batch], **inputs.kwargs[batch])
+            output = output[0] if isinstance(output, (tuple, list)) else output
+            loss = (output - targets[batch]).pow(2).sum() / targets[batch].pow(2).sum()
+            losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]):
+                raise NumericError(f"block reconstruction: the loss became {losses[-1]} at step {len(losses)}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clipped:
+                torch.nn.utils.clip_grad_norm_(clipped, 1.0)
+            optimizer.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step(step)
+    finally:
+        for name, latent in latents.items():
+            replace_module(block, name, latent.write_back())
+        for parameter in block.parameters():
+            parameter.requires_grad_(False)
     return losses

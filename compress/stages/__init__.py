@@ -1,3 +1,3 @@
 """Compression stages. Importing this package registers every stage."""
 
-from compress.stages import hesso, nupes, pv_tuning, rtn  # noqa: F401
+from compress.stages import hesso, jlcm, nupes, pv_tuning, rtn  # noqa: F401

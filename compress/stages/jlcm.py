@@ -1,0 +1,212 @@
+"""`jlcm`: jointly learnable codebooks and mappings, format `codebook`.
+
+Block by block on calibration activations:
+(1) rows (output neurons) are grouped by the shape of their weight distribution (quantiles of the row divided by
+    its RMS, balanced k-means) and reordered so each group is contiguous; the permutation is stored (int16);
+(2) each group's codebook is initialised by k-means of its row-normalised weight vectors, weighted by the
+    sensitivity of each input feature (its mean squared activation, the input Hessian's diagonal);
+(3) codebook entries, row scales and mappings are learned jointly on the block's output error, mappings by the
+    proximal update (a vector moves only to an entry near its current one; see `compress.solvers.codebooks`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from compress.calib import iterate_blocks
+from compress.errors import CompressError, NumericError
+from compress.formats.codebook import CodebookLinear
+from compress.models import dense_weight, find_blocks, find_linears, replace_module
+from compress.registry import register_stage
+from compress.solvers.codebook_learning import MappingRule, learn_block
+from compress.solvers.codebooks import balanced_groups, row_features, weighted_kmeans
+from compress.stages.base import LayerSelection, check_finite, relative_error
+
+log = logging.getLogger(__name__)
+
+
+class JlcmConfig(LayerSelection):
+    code_bits: int = Field(8, ge=1, le=8, description="bits per code: each codebook has 2**code_bits entries")
+    vector_dim: int = Field(4, ge=1, le=16, description="weights per code; code_bits / vector_dim bits per weight")
+    rows_per_group: int = Field(
+        192, ge=1, description="output neurons per codebook (about: groups are equal, so their count divides the rows)"
+    )
+    grouping: Literal["cluster", "contiguous", "none"] = Field(
+        "cluster",
+        description="cluster: rows grouped by alike distributions and reordered (permutation stored); contiguous: "
+        "groups of consecutive rows; none: one codebook per layer",
+    )
+    row_scales: bool = Field(True, description="a float16 scale per output row (its RMS), learned")
+    kmeans_iterations: int = Field(10, ge=0, le=10_000)
+    grouping_iterations: int = Field(10, ge=1, le=1000)
+    steps: int = Field(16, ge=0, le=1_000_000, description="joint learning steps per block (one batch each)")
+    batch_size: int = Field(4, ge=1, le=4096, description="calibration windows per batch")
+    codebook_learning_rate: float = Field(1e-3, ge=0.0, description="codebook entries (row-normalised units)")
+    scale_learning_rate: float = Field(1e-3, ge=0.0, description="log row-scales")
+    latent_learning_rate: float = Field(3e-3, ge=0.0, description="latent weights (row-normalised units)")
+    proximal: bool = Field(True, description="false: mappings move to the nearest entry of the whole codebook")
+    neighbours: int = Field(
+        8, ge=1, description="proximal rule: candidate entries of a move, the current included (at most all entries)"
+    )
+    penalty: float = Field(0.1, ge=0.0, description="proximal rule: cost per squared distance of a move")
+    reassign_every: int = Field(4, ge=1, description="steps between mapping updates")
+
+    def mapping_rule(self) -> MappingRule:
+        if not self.proximal:
+            return MappingRule(neighbours=1 << self.code_bits, penalty=0.0, reassign_every=self.reassign_every)
+        return MappingRule(self.neighbours, self.penalty, self.reassign_every)
+
+
+def shape_problems(config: JlcmConfig, layers: dict[str, tuple[int, int]]) -> list[tuple[str, str]]:
+    """`vector_dim` must divide every selected layer's input features."""
+    misfits = [f"{name} ({shape[1]})" for name, shape in layers.items() if shape[1] % config.vector_dim]
+    if not misfits:
+        return []
+    more = f" and {len(misfits) - 3} more" if len(misfits) > 3 else ""
+    return [("vector_dim", f"{config.vector_dim} does not divide the input features of {', '.join(misfits[:3])}{more}")]
+
+
+def group_count(out_features: int, rows_per_group: int) -> int:
+    """The number of equal groups nearest (in ratio) to `out_features / rows_per_group`: a divisor of out_features."""
+    wanted = math.log(max(out_features / rows_per_group, 1.0))
+    divisors = [n for n in range(1, out_features + 1) if out_features % n == 0]
+    return min(divisors, key=lambda n: (abs(math.log(n) - wanted), n))
+
+
+@register_stage("jlcm", JlcmConfig, quantizes=True, check=shape_problems)
+def apply(model, config: JlcmConfig, context) -> None:
+    prefix, blocks = find_blocks(model)
+    generator = torch.Generator().manual_seed(context.recipe.seed)
+    windows = context.calibration_windows
+    progress = tqdm(iterate_blocks(model, windows, config.batch_size), total=len(blocks), desc="jlcm", unit="block")
+    for index, block, inputs in progress:
+        block_prefix = f"{prefix}.{index}"
+        linears = find_linears(block, config.targets, config.ignore, prefix="")
+        if not linears:
+            continue
+        energy = {name: InputEnergy() for name in linears}
+        hooks = [
+            linear.register_forward_hook(lambda module, args, output, e=energy[name]: e.add(args[0]))
+            for name, linear in linears.items()
+        ]
+        try:
+            outputs = inputs.run(block)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for output in outputs:
+            check_finite(output, f"jlcm: block {block_prefix} output")
+        weights, sensitivity, layers = {}, {}, {}
+        for name, linear in linears.items():
+            weight = dense_weight(linear).float()
+            check_finite(weight, f"jlcm: layer {block_prefix}.{name} weight")
+            _check_shape(f"{block_prefix}.{name}", weight, config)
+            weights[name] = weight
+            sensitivity[name] = energy[name].normalised()
+            layers[name] = initial_layer(weight, linear.bias, sensitivity[name], config, generator)
+            replace_module(block, name, layers[name])
+        try:
+            losses, moves = (
+                learn_block(
+                    block,
+                    layers,
+                    weights,
+                    sensitivity,
+                    inputs,
+                    outputs,
+                    steps=config.steps,
+                    codebook_learning_rate=config.codebook_learning_rate,
+                    scale_learning_rate=config.scale_learning_rate,
+                    latent_learning_rate=config.latent_learning_rate,
+                    rule=config.mapping_rule(),
+                    seed=context.recipe.seed + index,
+                )  # fmt: skip
+                if config.steps
+                else ([], 0)
+            )
+        except NumericError as error:
+            raise NumericError(
+                f"jlcm: block {block_prefix}: {error}; the stage stopped and nothing was written"
+            ) from error
+        if losses:
+            progress.set_postfix(error=f"{losses[0]:.4f}->{losses[-1]:.4f}", moves=moves)
+            log.info("block %s: relative output error %.5f -> %.5f, %d mapping moves", block_prefix, losses[0],
+                     losses[-1], moves)  # fmt: skip
+        for name, weight in weights.items():
+            layer = block.get_submodule(name)
+            context.record_layer(f"{block_prefix}.{name}", layer, relative_error(weight, layer.dequantize()))
+
+
+class InputEnergy:
+    """Running mean of each input feature's squared activation (the diagonal of the input Hessian, up to 2)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        squares = x.pow(2).sum(dim=0)
+        self.total = squares if self.total is None else self.total + squares
+        self.count += x.shape[0]
+
+    def normalised(self) -> torch.Tensor:
+        """Mean 1 across features (a feature never active gets a small floor, not zero)."""
+        energy = self.total / max(self.count, 1)
+        energy = energy / energy.mean().clamp_min(1e-30)
+        return energy.clamp_min(1e-6)
+
+
+def initial_layer(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    sensitivity: torch.Tensor,
+    config: JlcmConfig,
+    generator: torch.Generator,
+) -> CodebookLinear:
+    """Steps (1) and (2): row scales, grouping and permutation, sensitivity-weighted k-means per group."""
+    out_features, in_features = weight.shape
+    d = config.vector_dim
+    if config.row_scales:
+        scales = weight.pow(2).mean(dim=1).sqrt().half().float()
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    else:
+        scales = torch.ones(out_features)
+    normalised = weight / scales.unsqueeze(1)
+    num_groups = 1 if config.grouping == "none" else group_count(out_features, config.rows_per_group)
+    permutation = None
+    if config.grouping == "cluster" and num_groups > 1:
+        groups = balanced_groups(row_features(normalised), num_groups, config.grouping_iterations, generator)
+        permutation = torch.sort(groups, stable=True).indices
+        normalised, scales = normalised[permutation], scales[permutation]
+    rows_per_group = out_features // num_groups
+    vectors = normalised.reshape(out_features, in_features // d, d)
+    point_weights = sensitivity.reshape(1, -1, d).expand(rows_per_group, -1, -1).reshape(-1, d)
+    codebooks, codes = [], []
+    for group in range(num_groups):
+        points = vectors[group * rows_per_group : (group + 1) * rows_per_group].reshape(-1, d)
+        codebook, assignment = weighted_kmeans(
+            points, point_weights, 1 << config.code_bits, config.kmeans_iterations, generator
+        )
+        codebooks.append(codebook)
+        codes.append(assignment.view(rows_per_group, -1))
+    return CodebookLinear.from_parts(
+        torch.cat(codes),
+        torch.stack(codebooks).half().float(),
+        scales if config.row_scales else None,
+        permutation,
+        bias,
+    )
+
+
+def _check_shape(name: str, weight: torch.Tensor, config: JlcmConfig) -> None:
+    problems = shape_problems(config, {name: tuple(weight.shape)})
+    if problems:
+        field, problem = problems[0]
+        raise CompressError(f"jlcm: {field} {problem}")

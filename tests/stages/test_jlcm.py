@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+import compress
+from compress import pipeline
+from compress.formats.codebook import CodebookLinear
+from compress.stages import jlcm
+from tests.conftest import build_model, tiny_recipe
+from tests.stages.test_nupes import Context, block_error
+
+SMALL = dict(code_bits=4, vector_dim=2, rows_per_group=16, kmeans_iterations=10)
+
+
+def relative_error(weight, layer):
+    return float((layer.dequantize() - weight).pow(2).sum() / weight.pow(2).sum())
+
+
+def mixed_rows(seed=0):
+    """Rows of three distribution shapes (gaussian, heavy-tailed, two-peaked), shuffled."""
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(32, 512, generator=generator)
+    heavy = torch.randn(32, 512, generator=generator).pow(3)
+    peaks = torch.sign(torch.randn(32, 512, generator=generator)) + 0.1 * torch.randn(32, 512, generator=generator)
+    rows = torch.cat([gaussian, heavy, peaks])
+    return rows[torch.randperm(96, generator=generator)] * 0.05
+
+
+def test_grouping_reduces_error_versus_one_codebook_at_about_equal_size():
+    weight = mixed_rows()
+    ones = torch.ones(512)
+    layers = {
+        grouping: jlcm.initial_layer(
+            weight, None, ones, jlcm.JlcmConfig(**SMALL, grouping=grouping), torch.Generator().manual_seed(0)
+        )  # fmt: skip
+        for grouping in ("cluster", "contiguous", "none")
+    }
+    errors = {name: relative_error(weight, layer) for name, layer in layers.items()}
+    sizes = {name: layer.bits_per_weight() for name, layer in layers.items()}
+    assert layers["cluster"].num_groups == 6 and layers["none"].num_groups == 1
+    assert sizes["cluster"] < 1.05 * sizes["none"]  # five more codebooks and the permutation add under 5%
+    assert errors["cluster"] < 0.8 * errors["none"]
+    assert errors["cluster"] < 0.9 * errors["contiguous"]  # it is the clustering, not only more codebooks
+
+
+def test_sensitive_inputs_get_smaller_errors():
+    weight = mixed_rows(1)
+    sensitivity = torch.ones(512)
+    sensitivity[:16] = 50.0
+    sensitivity = sensitivity / sensitivity.mean()
+    layer = jlcm.initial_layer(weight, None, sensitivity, jlcm.JlcmConfig(**SMALL), torch.Generator().manual_seed(0))
+    plain = jlcm.initial_layer(
+        weight, None, torch.ones(512), jlcm.JlcmConfig(**SMALL), torch.Generator().manual_seed(0)
+    )
+    error = (layer.dequantize() - weight).pow(2)
+    plain_error = (plain.dequantize() - weight).pow(2)
+    assert error[:, :16].sum() < 0.8 * plain_error[:, :16].sum()
+
+
+def test_group_count_divides_the_rows():
+    assert jlcm.group_count(576, 192) == 3
+    assert jlcm.group_count(64, 192) == 1
+    assert jlcm.group_count(4096, 192) == 16
+    assert jlcm.group_count(1536, 192) == 8
+
+
+def run_jlcm(**options):
+    reference = build_model("llama")
+    torch.manual_seed(1)
+    calibration, held_out = torch.randint(3, 320, (16, 64)), torch.randint(3, 320, (8, 64))
+    model = build_model("llama")
+    jlcm.apply(model, jlcm.JlcmConfig(**{**SMALL, **options}), Context(calibration))
+    return model, block_error(reference, model, held_out)
+
+
+def test_learning_beats_kmeans_alone_on_held_out_block_output():
+    _, kmeans_only = run_jlcm(steps=0)
+    model, learned = run_jlcm(steps=32)
+    assert learned < 0.95 * kmeans_only
+    layers = [m for m in model.modules() if isinstance(m, CodebookLinear)]
+    assert len(layers) == 14 and all(layer.code_bits == 4 and layer.vector_dim == 2 for layer in layers)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_proximal_rule_limits_moves():
+    """The same learning with the rule moves fewer mappings than plain nearest re-assignment."""
+    moves = {}
+    for proximal in (True, False):
+        model = build_model("llama")
+        context = Context(torch.randint(3, 320, (16, 64)))
+        original = {n: m.unpacked_codes().clone() for n, m in _kmeans_layers(context).items()}
+        jlcm.apply(model, jlcm.JlcmConfig(**SMALL, steps=16, proximal=proximal, penalty=1.0), context)
+        learned = {n: m.unpacked_codes() for n, m in model.named_modules() if isinstance(m, CodebookLinear)}
+        moves[proximal] = sum(int((learned[n] != original[n]).sum()) for n in learned)
+    assert 0 < moves[True] < moves[False]
+
+
+def _kmeans_layers(context):
+    model = build_model("llama")
+    jlcm.apply(model, jlcm.JlcmConfig(**SMALL, steps=0), context)
+    return {n: m for n, m in model.named_modules() if isinstance(m, CodebookLinear)}
+
+
+def test_a_shape_that_does_not_fit_is_named():
+    with pytest.raises(Exception, match="vector_dim 3 does not divide"):
+        run_jlcm(vector_dim=3, steps=0)
+
+
+def test_export_then_load_is_exact(model_dirs, tmp_path):
+    out = tmp_path / "out"
+    result = pipeline.run(tiny_recipe(model_dirs["llama"], out, [{"stage": "jlcm", **SMALL, "steps": 4}]))
+    ids = torch.randint(3, 320, (2, 24))
+    with torch.no_grad():
+        expected = result.model(input_ids=ids).logits
+        loaded = compress.load(out)
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    layers = [m for m in loaded.modules() if isinstance(m, CodebookLinear)]
+    assert layers and all(layer.permutation is not None for layer in layers if layer.num_groups > 1)
