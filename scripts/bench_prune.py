@@ -4,13 +4,18 @@ budget, on the embedded models, with the same data, loss, learning rate and eval
     python scripts/bench_prune.py                          # 30 minutes of training per method and model
     python scripts/bench_prune.py --minutes 10 --minilm-minutes 4 --jobs 2
     python scripts/bench_prune.py --only minilm --reuse
+    python scripts/bench_prune.py --only minilm --minilm-minutes 4 --oneshot   # adds the one-shot ablation
 
-Both methods run the `hesso` stage (recipes/hesso-smollm2-25.yaml, recipes/hesso-minilm-30.yaml) for the same
-number of steps. HESSO: a short warm-up, 4 pruning periods that shrink the lowest-saliency groups to zero while the
-rest trains, then recovery. Magnitude: the groups of smallest L2 norm are zeroed at step 1 (one period of one step,
-saliency = magnitude only), and every remaining step is recovery. The step count comes from the time budget: a
-timing probe measures one training step of the model on this machine first. Training and measurement use
-`--threads` CPU threads (default 1; OMP_NUM_THREADS is set for the runs).
+Every method runs the `hesso` stage (recipes/hesso-smollm2-25.yaml, recipes/hesso-minilm-30.yaml) for the same number
+of steps. HESSO: the recipe's schedule scaled to that number of steps (warm-up, pruning periods that shrink the
+lowest-saliency groups to zero while the rest trains, recovery; each keeps its share of the recipe's steps).
+Magnitude: the groups of smallest L2 norm are zeroed at step 1 (one period of one step, saliency = magnitude only),
+and every remaining step is recovery; ranked as the recipe ranks (`distribution`; row "magnitude") and the other way
+(row "magnitude-global" or "magnitude-per_layer"), since either may be the stronger baseline. With `--oneshot`,
+another row ablates HESSO's schedule: the recipe's own saliency criteria, with every group zeroed at step 1 as
+magnitude does. The step count comes from the time budget: a timing probe measures one training step of the model on
+this machine first (`--reuse` keeps the previous probe). Training and measurement use `--threads` CPU threads
+(default 1; OMP_NUM_THREADS is set for the runs). `--jobs 2` trains all methods of a model at once.
 
 smollm2-135m: parameters, weight file size, forward tokens/s on one batch of 4 x 512 tokens, perplexity on the
 held-out half of the embedded text and on encyclopedic text of another kind (as scripts/bench.py), KL to the
@@ -48,9 +53,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget per method, smollm2-135m")
     parser.add_argument("--minilm-minutes", type=float, default=30.0, help="training budget per method, minilm-l6")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for training and measurement")
-    parser.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="2: train both methods at once")
+    parser.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="2: train all methods of a model at once")
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
     parser.add_argument("--sentences", type=int, default=512, help="held-out sentences per text (minilm)")
+    parser.add_argument("--oneshot", action="store_true", help="also the recipe's criteria with everything pruned at "
+                        "step 1 (separates HESSO's criteria from its schedule)")  # fmt: skip
     parser.add_argument("--reuse", action="store_true", help="keep checkpoints made earlier with the same settings")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
     args = parser.parse_args()
@@ -82,15 +89,21 @@ def bench_model(key: str, minutes: float, args, previous: dict) -> dict:
     else:
         seconds = seconds_per_step(spec["alias"], recipe, stage)
     steps = max(8, int(minutes * 60 / seconds))
-    warmup = max(2, steps // 20)
-    period = max(1, (steps * 11 // 20) // 4)
+    scale = steps / stage.schedule().total_steps
+    warmup, period = round(stage.warmup_steps * scale), max(1, round(stage.steps_per_period * scale))
+    periods = stage.pruning_periods
+    at_once = {"warmup_steps": 0, "pruning_periods": 1, "steps_per_period": 1, "recovery_steps": steps - 1,
+               "eval_every": max(1, steps // 12)}  # fmt: skip
     settings = {
-        "hesso": {"warmup_steps": warmup, "pruning_periods": 4, "steps_per_period": period,
-                  "recovery_steps": steps - warmup - 4 * period, "eval_every": max(1, steps // 12)},
-        "magnitude": {"warmup_steps": 0, "pruning_periods": 1, "steps_per_period": 1, "recovery_steps": steps - 1,
-                      "eval_every": max(1, steps // 12), "criteria.magnitude": 1.0, "criteria.average_magnitude": 0.0,
-                      "criteria.cosine": 0.0, "criteria.taylor": 0.0},
+        "hesso": {"warmup_steps": warmup, "pruning_periods": periods, "steps_per_period": period,
+                  "recovery_steps": steps - warmup - periods * period, "eval_every": max(1, steps // 12)},
+        "magnitude": {**at_once, "criteria.magnitude": 1.0, "criteria.average_magnitude": 0.0, "criteria.cosine": 0.0,
+                      "criteria.taylor": 0.0, "criteria.output": 0.0},
     }  # fmt: skip
+    other = "global" if stage.distribution == "per_layer" else "per_layer"
+    settings[f"magnitude-{other}"] = {**settings["magnitude"], "distribution": other}
+    if args.oneshot:
+        settings["oneshot"] = at_once
     print(f"{key}: {seconds:.2f} s per step -> {steps} steps per method ({minutes} min)", flush=True)
     runs = {method: OUT / "runs" / f"{key}-{method}" for method in settings}
     started = {}
@@ -99,14 +112,15 @@ def bench_model(key: str, minutes: float, args, previous: dict) -> dict:
                    "--out", str(runs[method])]  # fmt: skip
         for name, value in overrides.items():
             command += ["--set", f"stages.0.{name}={value}"]
-        if args.reuse and reused(runs[method], command):
+        record = [*command[1:], (ROOT / spec["recipe"]).read_text()]  # a run is reused only for the same recipe
+        if args.reuse and reused(runs[method], record):
             continue
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
-        started[method] = (subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True), command)
+        started[method] = (subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True), record)
         if args.jobs == 1:
             wait(method, *started.pop(method), runs[method])
-    for method, (process, command) in started.items():
-        wait(method, process, command, runs[method])
+    for method, (process, record) in started.items():
+        wait(method, process, record, runs[method])
     measured = evaluate(key, spec, runs, args)
     return {"seconds_per_step_probe": seconds, "steps": steps, "minutes": minutes, "settings": settings, **measured}
 
@@ -131,16 +145,16 @@ def seconds_per_step(alias: str, recipe, stage) -> float:
     return times[-1]
 
 
-def reused(out: Path, command: list[str]) -> bool:
-    record = out / "command.json"
-    return record.is_file() and json.loads(record.read_text()) == command[1:] and (out / "report.json").is_file()
+def reused(out: Path, record: list[str]) -> bool:
+    path = out / "command.json"
+    return path.is_file() and json.loads(path.read_text()) == record and (out / "report.json").is_file()
 
 
-def wait(method: str, process: subprocess.Popen, command: list[str], out: Path) -> None:
+def wait(method: str, process: subprocess.Popen, record: list[str], out: Path) -> None:
     _, stderr = process.communicate()
     if process.returncode != 0:
         sys.exit(f"{method} failed:\n{stderr[-3000:]}")
-    (out / "command.json").write_text(json.dumps(command[1:]))
+    (out / "command.json").write_text(json.dumps(record))
     print(f"trained {out.name}", flush=True)
 
 

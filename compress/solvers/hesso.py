@@ -11,7 +11,11 @@ Saliency (higher is more important), each criterion normalised across all groups
 - magnitude: ||w_g||;  average_magnitude: ||w_g|| / n_g (n_g entries in the group);
 - cosine: cos(w_g, d_g) with d the optimizer's update direction: a group the update pushes towards zero is cheap
   to remove; mapped to [0, 1] as (1 + cos) / 2 before normalisation;
-- taylor: |<w_g, g_g>| with g the (smoothed) gradient, the first-order change of the loss when w_g goes to zero.
+- taylor: |<w_g, g_g>| with g the (smoothed) gradient, the first-order change of the loss when w_g goes to zero;
+- output: sqrt(mean_t ||x_g(t) W_g^T||^2), the root-mean-square change of the block's output projection (down,
+  o, BERT's output dense) per calibration token when the group is zeroed, with W_g its columns of that layer and
+  x_g(t) its inputs there. Data-aware and not zero at the start of a distillation from the model itself, where the
+  gradient criteria are (an addition to the reference's four, in the spirit of its "loss change" probe).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-CRITERIA = ("magnitude", "average_magnitude", "cosine", "taylor")
+CRITERIA = ("magnitude", "average_magnitude", "cosine", "taylor", "output")
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,14 @@ def cumulative_target(groups: int, sparsity: float, period: int, periods: int) -
     return int(round(sparsity * groups * (period + 1) / periods))
 
 
-def criteria(weights: torch.Tensor, gradient: torch.Tensor | None, direction: torch.Tensor | None) -> dict:
+def criteria(
+    weights: torch.Tensor,
+    gradient: torch.Tensor | None,
+    direction: torch.Tensor | None,
+    output: torch.Tensor | None = None,
+) -> dict:
     """Raw criteria `{name: [G]}` of groups laid out as rows `[G, n]`; the gradient-based ones only when the
-    gradient (or update direction) is known."""
+    gradient (or update direction) is known, `output` (from `output_change`) when it was measured."""
     norms = weights.norm(dim=1)
     found = {"magnitude": norms, "average_magnitude": norms / weights.shape[1]}
     if direction is not None:
@@ -70,7 +79,16 @@ def criteria(weights: torch.Tensor, gradient: torch.Tensor | None, direction: to
         found["cosine"] = (1 + (weights * direction).sum(dim=1) / scale) / 2
     if gradient is not None:
         found["taylor"] = (weights * gradient).sum(dim=1).abs()
+    if output is not None:
+        found["output"] = output
     return found
+
+
+def output_change(columns: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Criterion `output` `[G]`: sqrt(mean_t ||x_g(t) W_g^T||^2) = sqrt(trace(W_g C_g W_g^T)), from each group's
+    columns of the output projection `columns` `[G, d, m]` (W_g) and the mean Gram matrix of its inputs there
+    `gram` `[G, m, m]` (C_g = mean_t x_g(t)^T x_g(t)), both float32."""
+    return torch.einsum("gdi,gij,gdj->g", columns, gram, columns).clamp_min(0).sqrt()
 
 
 def saliency(raw: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

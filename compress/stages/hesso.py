@@ -26,7 +26,15 @@ from tqdm.auto import tqdm
 
 from compress.errors import CompressError, NumericError
 from compress.models import count_parameters
-from compress.prune.groups import GroupFamily, gather, read_groups, scale_groups, write_groups, zero_groups
+from compress.prune.groups import (
+    GroupFamily,
+    gather,
+    member_tensor,
+    read_groups,
+    scale_groups,
+    write_groups,
+    zero_groups,
+)
 from compress.prune.structure import block_sizes, express_in_config, find_groups, remove_groups
 from compress.registry import register_stage
 from compress.solvers.hesso import (
@@ -34,6 +42,7 @@ from compress.solvers.hesso import (
     corrected_scores,
     criteria,
     cumulative_target,
+    output_change,
     round_kept,
     saliency,
     select,
@@ -45,14 +54,19 @@ from compress.train_state import discard_state, load_state, optimizer_tensors, r
 
 log = logging.getLogger(__name__)
 
+_OUTPUT_WINDOWS = 8  # calibration windows whose activations the criterion `output` is measured on
+
 
 class Criteria(StageConfig):
-    """Weights of the saliency criteria (see compress.solvers.hesso); HESSO's reference weighs them equally."""
+    """Weights of the saliency criteria (see compress.solvers.hesso). HESSO's reference weighs its four equally;
+    `output` (data-aware, measured on calibration windows at each period start) is off by default and is what
+    recipes/hesso-minilm-30.yaml ranks by."""
 
     magnitude: float = Field(0.25, ge=0.0)
     average_magnitude: float = Field(0.25, ge=0.0)
     cosine: float = Field(0.25, ge=0.0)
     taylor: float = Field(0.25, ge=0.0)
+    output: float = Field(0.0, ge=0.0, description="data-aware: the change of the block's output per token")
 
 
 class HessoConfig(StageConfig):
@@ -143,7 +157,9 @@ def apply(model: nn.Module, config: HessoConfig, context) -> None:
         parameter.requires_grad_(parameter.is_floating_point())
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     wrapped = accelerator.prepare_model(model)
-    pruner = _Pruner(model, families, config, optimizer, lambda: loss.evaluate(model, windows, torch.arange(2)))
+    probe = torch.arange(min(_OUTPUT_WINDOWS, held_out))
+    pruner = _Pruner(model, families, config, optimizer, lambda: loss.evaluate(model, windows, torch.arange(2)),
+                     lambda: _hidden(model, windows[probe]))  # fmt: skip
     checkpoint = _Checkpoint(context, config, model, optimizer, pruner, generator, loss.teacher, accelerator)
     resumed = checkpoint.resume()
     if resumed is None:
@@ -304,9 +320,10 @@ def _step(wrapped, accelerator, loss: _Loss, windows: torch.Tensor, chosen: torc
 class _Pruner:
     """Which groups are pruned or shrinking, chosen by saliency (and CRIC), and held to the schedule."""
 
-    def __init__(self, model: nn.Module, families: list[GroupFamily], config: HessoConfig, optimizer, probe_loss):
+    def __init__(self, model: nn.Module, families: list[GroupFamily], config: HessoConfig, optimizer, probe_loss,
+                 forward):  # fmt: skip
         self.model, self.families, self.config, self.optimizer = model, families, config, optimizer
-        self.probe_loss = probe_loss
+        self.probe_loss, self.forward = probe_loss, forward
         self.pruned = [torch.zeros(f.count, dtype=torch.bool) for f in families]
         self.shrinking = [torch.zeros(f.count, dtype=torch.bool) for f in families]
 
@@ -325,6 +342,7 @@ class _Pruner:
     def choose(self, period: int) -> None:
         """Select the groups this period shrinks, kind by kind."""
         gradient, direction = self._optimizer_tensors()
+        output = self._output_change()
         for kind in self.config.kinds:
             indices = [i for i, f in enumerate(self.families) if f.kind == kind]
             raw: dict[str, list[torch.Tensor]] = {}
@@ -332,7 +350,8 @@ class _Pruner:
                 family = self.families[i]
                 rows = gather(self.model, family)
                 found = criteria(rows, gather(self.model, family, gradient) if gradient else None,
-                                 gather(self.model, family, direction) if direction else None)  # fmt: skip
+                                 gather(self.model, family, direction) if direction else None,
+                                 output[i] if output else None)  # fmt: skip
                 for name, values in found.items():
                     raw.setdefault(name, []).append(values)
             scores = saliency({k: torch.cat(v) for k, v in raw.items()}, self.config.criteria.model_dump())
@@ -344,6 +363,41 @@ class _Pruner:
             for i, part in zip(indices, chosen.split([self.families[i].count for i in indices]), strict=True):
                 self.shrinking[i] = part.clone()
         log.info("hesso period %d: shrinking %s", period, self.summary(self.shrinking))
+
+    def _output_change(self) -> list[torch.Tensor] | None:
+        """Criterion `output` of every family (None when its weight is 0): the inputs of each family's output
+        projection (its member along columns) recorded by forward pre-hooks over the probe windows, as each
+        group's mean Gram matrix."""
+        if self.config.criteria.output == 0.0:
+            return None
+        projections = [next(m for m in family.members if m.dim == 1) for family in self.families]
+        grams: list[torch.Tensor | None] = [None] * len(projections)
+        tokens = [0] * len(projections)
+
+        def recorder(i: int, index: torch.Tensor):
+            def record(module, args) -> None:
+                inputs = args[0].detach().reshape(-1, args[0].shape[-1])
+                x = inputs[:, index.flatten()].float().view(len(inputs), *index.shape)
+                gram = torch.einsum("ngi,ngj->gij", x, x)
+                grams[i] = gram if grams[i] is None else grams[i] + gram
+                tokens[i] += len(inputs)
+
+            return record
+
+        handles = [self.model.get_submodule(m.module).register_forward_pre_hook(recorder(i, m.index))
+                   for i, m in enumerate(projections)]  # fmt: skip
+        self.model.eval()
+        try:
+            self.forward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        found = []
+        for member, gram, count in zip(projections, grams, tokens, strict=True):
+            weight = member_tensor(self.model, member).detach().float()
+            columns = weight.index_select(1, member.index.flatten()).view(weight.shape[0], *member.index.shape)
+            found.append(output_change(columns.permute(1, 0, 2), gram / count))
+        return found
 
     def _select(self, scores, owner, pruned, indices, period: int) -> torch.Tensor:
         periods, sparsity = self.config.pruning_periods, self.config.target_sparsity

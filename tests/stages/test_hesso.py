@@ -9,18 +9,20 @@ import torch
 import compress
 from compress import pipeline
 from compress.errors import CompressError
-from compress.prune.groups import zero_groups
+from compress.prune.groups import scale_groups, zero_groups
+from compress.prune.structure import find_groups
 from compress.solvers.hesso import (
     Schedule,
     criteria,
     cumulative_target,
+    output_change,
     round_kept,
     saliency,
     select,
     shrink_factor,
 )
 from compress.stages import hesso
-from tests.conftest import tiny_recipe
+from tests.conftest import build_model, tiny_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +53,41 @@ def test_saliency_normalises_each_criterion_and_drops_uninformative_ones():
     assert raw["cosine"].tolist() == pytest.approx([0.0, 0.0, 0.0])  # the update pulls every group to zero
     scores = saliency(raw, {"magnitude": 1.0, "taylor": 1.0, "cosine": 0.0})
     assert scores.tolist() == pytest.approx([1.0, 0.2, 0.2])
+
+
+def test_output_change_is_the_root_mean_square_of_each_groups_contribution():
+    inputs, columns = torch.randn(50, 3, 4), torch.randn(3, 8, 4)  # 50 tokens, 3 groups of 4 columns, 8 outputs
+    gram = torch.einsum("ngi,ngj->gij", inputs, inputs) / 50
+    slow = [(inputs[:, g] @ columns[g].T).pow(2).sum(-1).mean().sqrt() for g in range(3)]
+    assert output_change(columns, gram).tolist() == pytest.approx(torch.stack(slow).tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_output_criterion_measures_the_layer_output_change_when_a_group_is_zeroed(family):
+    """The hooks and the column layout: for every family of groups (heads as KV groups with their query heads),
+    zeroing group g changes its output projection's output by exactly the criterion's root mean square."""
+    model = build_model(family)
+    ids = torch.randint(3, 320, (2, 12))
+    families = find_groups(model, ["mlp_channels", "attention_heads"], "kv")
+    config = hesso.HessoConfig(criteria={"output": 1.0})
+    measured = hesso._Pruner(model, families, config, None, None, lambda: model(input_ids=ids))._output_change()
+    for family_, criterion in zip(families, measured, strict=True):
+        projection = next(m for m in family_.members if m.dim == 1)
+        outputs = []
+        module = model.get_submodule(projection.module)
+        handle = module.register_forward_hook(lambda m, a, out, seen=outputs: seen.append(out))
+        saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+        with torch.no_grad():
+            model(input_ids=ids)
+            for g in range(family_.count):
+                scale_groups(model, family_, torch.tensor([g]), 0.0)
+                model(input_ids=ids)
+                for name, parameter in model.named_parameters():
+                    parameter.copy_(saved[name])
+        handle.remove()
+        changes = [(outputs[0] - o).pow(2).sum(-1).mean().sqrt() for o in outputs[1:]]
+        assert criterion.tolist() == pytest.approx(torch.stack(changes).tolist(), rel=1e-4, abs=1e-6)
+        assert criterion.std() > 0
 
 
 def test_selection_keeps_one_group_per_block_and_rounds_widths():
