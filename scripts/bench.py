@@ -70,14 +70,14 @@ METHODS = [
         settings=(("stages.0.mode", "ste"),),
     ),  # fmt: skip
     Method("jlcm", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2, 3)),
-    # Ablations of jlcm (issue: each must cost quality): one codebook per layer; k-means initialisation only;
-    # joint learning with plain nearest re-assignment instead of the proximal rule.
+    # Ablations of jlcm (issue: each must cost quality): one codebook per layer; joint learning (16 steps per block)
+    # on top of the k-means codebooks the recipes use; learning with plain nearest re-assignment, not the proximal rule.
     Method("jlcm-no-grouping", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
            settings=(("stages.0.grouping", "none"),)),  # fmt: skip
-    Method("jlcm-kmeans-only", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
-           settings=(("stages.0.steps", 0),)),  # fmt: skip
+    Method("jlcm-learned", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
+           settings=(("stages.0.steps", 16),)),  # fmt: skip
     Method("jlcm-no-proximal", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
-           settings=(("stages.0.proximal", False),)),  # fmt: skip
+           settings=(("stages.0.steps", 16), ("stages.0.proximal", False))),  # fmt: skip
     Method("llmcompressor-rtn", "llmcompressor", peer_method="rtn"),
     Method("llmcompressor-gptq", "llmcompressor", peer_method="gptq"),
     Method("hqq", "hqq"),
