@@ -32,6 +32,24 @@ class BlockInputs:
         return [_first(block(h, *a, **k)) for h, a, k in zip(self.hidden, self.args, self.kwargs, strict=True)]
 
 
+def run_collecting(
+    block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Module], collector
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Run `block` on every batch of `inputs` while `collector(linear)` objects are fed each linear's input
+    (their `add_batch(x)`). Returns the block's outputs and the collectors by linear name."""
+    collectors = {name: collector(linear) for name, linear in linears.items()}
+    hooks = [
+        linear.register_forward_hook(lambda module, args, output, c=collectors[name]: c.add_batch(args[0]))
+        for name, linear in linears.items()
+    ]
+    try:
+        outputs = inputs.run(block)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs, collectors
+
+
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 

@@ -114,3 +114,19 @@ def tiny_recipe(model_dir: Path, out: Path, stages: list[dict], **extra):
 
     raw = {"model": str(model_dir), "data": TINY_DATA, "stages": stages, "export": {"out": str(out)}, **extra}
     return parse_recipe(yaml.safe_dump(raw), "tiny.yaml")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is faster than a thread pool, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_output(model, ids):
+    """Logits of a causal model, last hidden states of an encoder."""
+    with torch.no_grad():
+        result = model(input_ids=ids)
+    return result.logits if hasattr(result, "logits") else result.last_hidden_state

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from compress.calib import iterate_blocks
+from compress.calib import iterate_blocks, run_collecting
 from compress.errors import CompressError, NumericError
 from compress.formats.codebook import CodebookLinear
 from compress.models import dense_weight, find_blocks, find_linears, replace_module
@@ -96,16 +96,7 @@ def apply(model, config: JlcmConfig, context) -> None:
         linears = find_linears(block, config.targets, config.ignore, prefix="")
         if not linears:
             continue
-        energy = {name: InputEnergy() for name in linears}
-        hooks = [
-            linear.register_forward_hook(lambda module, args, output, e=energy[name]: e.add(args[0]))
-            for name, linear in linears.items()
-        ]
-        try:
-            outputs = inputs.run(block)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        outputs, energy = run_collecting(block, inputs, linears, lambda linear: InputEnergy())
         for output in outputs:
             check_finite(output, f"jlcm: block {block_prefix} output")
         weights, sensitivity, layers = {}, {}, {}
@@ -156,7 +147,7 @@ class InputEnergy:
         self.total: torch.Tensor | None = None
         self.count = 0
 
-    def add(self, inputs: torch.Tensor) -> None:
+    def add_batch(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
         squares = x.pow(2).sum(dim=0)
         self.total = squares if self.total is None else self.total + squares

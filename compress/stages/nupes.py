@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from compress.calib import iterate_blocks
+from compress.calib import iterate_blocks, run_collecting
 from compress.errors import CompressError, NumericError
 from compress.formats.power import PowerLinear, nearest_codes
 from compress.models import dense_weight, find_blocks, find_linears, replace_module
@@ -98,16 +98,9 @@ def _data_driven(model, config: NupesConfig, context) -> None:
         linears = find_linears(block, config.targets, config.ignore, prefix="")
         if not linears:
             continue
-        hessians = {name: HessianAccumulator(dense_weight(linear).shape[1]) for name, linear in linears.items()}
-        hooks = [
-            linear.register_forward_hook(lambda module, args, output, h=hessians[name]: h.add_batch(args[0]))
-            for name, linear in linears.items()
-        ]
-        try:
-            targets = inputs.run(block)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        targets, hessians = run_collecting(
+            block, inputs, linears, lambda linear: HessianAccumulator(dense_weight(linear).shape[1])
+        )
         for output in targets:
             check_finite(output, f"nupes: block {block_prefix} output")
         layers = {}

@@ -7,24 +7,12 @@ import torch
 from compress.errors import CompressError
 from compress.prune.groups import GroupFamily, Member, gather, scale_groups
 from compress.prune.structure import find_groups
-from tests.conftest import build_model
+from tests.conftest import build_model, model_output
 
 KINDS = ["mlp_channels", "attention_heads"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than a thread pool, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def output(model, ids):
-    with torch.no_grad():
-        result = model(input_ids=ids)
-    return result.logits if hasattr(result, "logits") else result.last_hidden_state
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def only(family: GroupFamily, dims: set[int]) -> GroupFamily:
@@ -49,7 +37,7 @@ def test_llama_gqa_groups_pair_each_kv_head_with_the_query_heads_that_read_it():
 def test_every_group_is_zero_invariant(family, head_groups):
     model = build_model(family)
     ids = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(0))
-    reference = output(model, ids)
+    reference = model_output(model, ids)
     families = find_groups(model, KINDS, head_groups)
     assert len(families) == 4 and sum(f.kind == "attention_heads" for f in families) == 2
     if family == "qwen2":  # q, k, v biases belong to the head groups
@@ -60,11 +48,11 @@ def test_every_group_is_zero_invariant(family, head_groups):
             for dims in ({0, 1}, {1}):  # the whole group, or only the columns that read its structure
                 saved = {k: v.clone() for k, v in model.state_dict().items()}
                 scale_groups(model, only(family_, dims), torch.tensor([group]), 0.0)
-                silenced.append(output(model, ids))
+                silenced.append(model_output(model, ids))
                 model.load_state_dict(saved)
             assert torch.allclose(silenced[0], silenced[1], atol=1e-5, rtol=0)
             assert not torch.allclose(silenced[0], reference, atol=1e-5, rtol=0)  # the group did something
-    assert torch.equal(output(model, ids), reference)
+    assert torch.equal(model_output(model, ids), reference)
 
 
 def test_gather_lays_out_each_group_as_one_row():

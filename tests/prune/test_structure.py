@@ -15,25 +15,13 @@ from compress.errors import CompressError
 from compress.export import atomic_directory, save_checkpoint
 from compress.prune.groups import scale_groups
 from compress.prune.structure import express_in_config, find_groups, remove_groups, structure_record
-from tests.conftest import build_model
+from tests.conftest import build_model, model_output
 
 ROOT = Path(__file__).resolve().parents[2]
 KINDS = ["mlp_channels", "attention_heads"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than a thread pool, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def output(model, ids):
-    with torch.no_grad():
-        result = model(input_ids=ids)
-    return result.logits if hasattr(result, "logits") else result.last_hidden_state
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prune(model, head_groups="kv", uneven=True):
@@ -52,9 +40,9 @@ def prune(model, head_groups="kv", uneven=True):
             mask[0] = True
         scale_groups(model, family, mask.nonzero().squeeze(1), 0.0)
         masks.append(mask)
-    before = output(model, ids)
+    before = model_output(model, ids)
     remove_groups(model, families, masks)
-    return before, output(model, ids), ids
+    return before, model_output(model, ids), ids
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "bert"])
@@ -140,7 +128,7 @@ def test_checkpoints_of_pruned_models_load_in_a_fresh_process(tokenizer_dir, tmp
         from compress.export import round_to_storage
 
         round_to_storage(model)  # the checkpoint holds float16 values
-        expected = output(model, ids)
+        expected = model_output(model, ids)
         assert torch.equal(loaded[f"{name}.load"], expected) and torch.equal(loaded[f"{name}.auto"], expected)
 
 

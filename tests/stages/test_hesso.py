@@ -24,14 +24,7 @@ from compress.solvers.hesso import (
 from compress.stages import hesso
 from tests.conftest import build_model, tiny_recipe
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than a thread pool, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_schedule_phases_and_linear_shrink_to_exactly_zero():
