@@ -176,8 +176,19 @@ def _forget_source_quantization(model: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Weights of the model as a dense network: a compressed linear counts its `out x in` weights (and bias),
+    not its packed codes and scales, so only pruning changes the count."""
+    from compress.formats.base import QuantizedLinear
+
     seen: set[int] = set()
     total = 0
+    compressed = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    for module in compressed:
+        total += module.in_features * module.out_features
+        for tensor in module.state_dict().values():
+            seen.add(tensor.data_ptr())
+        if module.bias is not None:
+            total += module.bias.numel()
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())

@@ -68,3 +68,16 @@ def test_clear_errors_for_paths_that_are_not_models(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "not-a-transformer"}')
     with pytest.raises(CompressError, match="its config could not be read"):
         load_model(str(tmp_path))
+
+
+def test_quantizing_does_not_change_the_parameter_count():
+    """A compressed linear counts as its dense weights, so only pruning changes the count a report shows."""
+    from compress.models import count_parameters
+    from compress.stages import rtn
+    from tests.conftest import build_model
+    from tests.stages.test_nupes import Context
+
+    model = build_model("llama")
+    before = count_parameters(model)
+    rtn.apply(model, rtn.RtnConfig(bits=4, group_size=32), Context(torch.randint(3, 320, (2, 16))))
+    assert count_parameters(model) == before
