@@ -1,9 +1,9 @@
 """Block-by-block calibration: capture what enters the first transformer block, then push it through one
-block at a time. Only one block's inputs are held at once, so memory does not grow with depth."""
+block at a time (compress/blockwise.py). Only one block's inputs are held at once, so memory does not grow with
+depth."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,15 +78,3 @@ def capture_first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_si
     finally:
         handle.remove()
     return captured
-
-
-def iterate_blocks(
-    model: nn.Module, windows: torch.Tensor, batch_size: int
-) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
-    """Yield `(index, block, inputs)` in order. After the caller has processed (e.g. quantized) a block, its
-    outputs, computed by the block as the caller left it, become the next block's inputs."""
-    _, blocks = find_blocks(model)
-    inputs = capture_first_block_inputs(model, windows, batch_size)
-    for index, block in enumerate(blocks):
-        yield index, block, inputs
-        inputs = BlockInputs(hidden=inputs.run(block), args=inputs.args, kwargs=inputs.kwargs)

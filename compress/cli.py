@@ -52,6 +52,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     run.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     run.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation (size is still reported)")
+    run.add_argument(
+        "--resume", action="store_true", help="continue a killed run from the stages and blocks it finished"
+    )
+    run.add_argument(
+        "--stream",
+        action="store_true",
+        help="never hold the whole model: read each block from the safetensors shards in turn, write it out done",
+    )
+    run.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory budget (e.g. 2.5GB): stream when the model would not fit, refuse at the start if even that does "
+        "not",
+    )
     run.set_defaults(handler=_run)
 
     validate = commands.add_parser(
@@ -99,9 +113,19 @@ def _recipe(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     from compress import pipeline
+    from compress.memory_plan import parse_size
 
     recipe = _recipe(args)
-    report = pipeline.run(recipe, force=args.force, evaluate=not args.no_eval).report
+    max_memory = parse_size(args.max_memory) if args.max_memory else None
+    result = pipeline.run(
+        recipe,
+        force=args.force,
+        evaluate=not args.no_eval,
+        resume=args.resume,
+        stream=args.stream,
+        max_memory=max_memory,
+    )
+    report = result.report
     print(report.to_text())
     print(f"\nwrote {recipe.export.out}")
     return 0

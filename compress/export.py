@@ -20,11 +20,11 @@ from torch import nn
 from compress.errors import CompressError, NumericError
 from compress.formats.base import QuantizedLinear
 from compress.hf import FORMAT_VERSION, QUANT_METHOD, CompressConfig
+from compress.integrity import WEIGHTS_FILE
 from compress.prune.structure import structure_record
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
 FLOAT16_MAX = torch.finfo(torch.float16).max
 
 
@@ -66,9 +66,10 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
 
 
 def round_to_storage(model: nn.Module) -> None:
-    """Round every stored floating tensor to float16 in place, so the model computes exactly what its export will."""
+    """Round every stored floating tensor to float16 in place, so the model computes exactly what its export will
+    (tensors on the meta device, of blocks a streamed run already wrote, are skipped)."""
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() and not tensor.is_meta:
             data = tensor.data
             if data.abs().max() > FLOAT16_MAX if data.numel() else False:
                 raise NumericError(f"tensor {name} has values beyond the float16 range and cannot be exported")
@@ -88,12 +89,13 @@ def layer_settings(model: nn.Module) -> dict[str, dict]:
     }
 
 
-def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every persistent tensor once (tied weights are written under their first name), floats as float16."""
+def packed_state_dict(model: nn.Module, exclude: str | None = None) -> dict[str, torch.Tensor]:
+    """Every persistent tensor once (tied weights are written under their first name), floats as float16; names
+    starting with `exclude` are left out."""
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
+        if (exclude and name.startswith(exclude)) or tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
         if tensor.is_floating_point():
@@ -146,13 +148,20 @@ def save_checkpoint(
     recipe_yaml: str,
 ) -> None:
     """Write weights, config and tokenizer into `directory` (a temporary directory from `atomic_directory`)."""
+    packed = export_format == "packed"
+    config, metadata = checkpoint_config(model, packed)
+    tensors = packed_state_dict(model) if packed else dense_state_dict(model, model.config)
+    save_safetensors(tensors, directory / WEIGHTS_FILE, metadata)
+    write_side_files(model, config, tokenizer, directory, recipe_yaml)
+
+
+def checkpoint_config(model: nn.Module, packed: bool) -> tuple[dict, dict[str, str]]:
+    """The config.json of a checkpoint of `model` and the safetensors metadata of its weight files."""
     config = model.config
     config.architectures = [type(model).__name__]
     structure = structure_record(model)  # a pruned model whose blocks differ in size
     version = FORMAT_VERSION if structure is not None else 1
-    packed = export_format == "packed"
     layers = layer_settings(model) if packed else {}
-    tensors = packed_state_dict(model) if packed else dense_state_dict(model, config)
     saved = config.to_dict()
     saved.pop("quantization_config", None)
     metadata = {"format": "pt"}
@@ -161,10 +170,14 @@ def save_checkpoint(
             log.warning("the blocks of the model differ in size: the dense checkpoint records them and needs compress")
         saved["quantization_config"] = CompressConfig(version, layers, structure).to_dict()
         metadata.update(quant_method=QUANT_METHOD, format_version=str(version))
-    save_safetensors(tensors, directory / WEIGHTS_FILE, metadata)
-    (directory / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True, default=str) + "\n")
+    return saved, metadata
+
+
+def write_side_files(model: nn.Module, config: dict, tokenizer, directory: Path, recipe_yaml: str) -> None:
+    """config.json, the generation config, the tokenizer and the recipe."""
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     generation = getattr(model, "generation_config", None)
-    if generation is not None and _is_causal(config):
+    if generation is not None and _is_causal(model.config):
         generation.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / "recipe.yaml").write_text(recipe_yaml)
@@ -219,17 +232,15 @@ def check_checkpoint(path: Path, *, verify: bool = True, trust_remote_code: bool
     from transformers import AutoConfig
 
     from compress.hf import install_from_config
-    from compress.integrity import expected_tensors, read_safetensors_header, tensor_problems, verify_files
+    from compress.integrity import expected_tensors, stored_tensors, tensor_problems, verify_files
     from compress.models import skeleton
 
     where = f"checkpoint {str(path)!r}"
     if not (path / "config.json").is_file():
         raise CompressError(f"{where}: no config.json, so it is not a checkpoint directory")
-    if not (path / WEIGHTS_FILE).is_file():
-        raise CompressError(f"{where}: {WEIGHTS_FILE} is missing")
     if verify:
         verify_files(path)
-    stored = read_safetensors_header(path / WEIGHTS_FILE)
+    stored = stored_tensors(path)
     try:
         json.loads((path / "config.json").read_text())
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -244,5 +255,5 @@ def check_checkpoint(path: Path, *, verify: bool = True, trust_remote_code: bool
     problems = tensor_problems(stored, expected, tied)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise CompressError(f"{where}: {WEIGHTS_FILE} does not match config.json: {shown}")
+        raise CompressError(f"{where}: the weights do not match config.json: {shown}")
     return config

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from compress.eval import directory_size
-from compress.export import WEIGHTS_FILE, check_checkpoint
-from compress.integrity import DTYPE_BYTES, read_safetensors_header
+from compress.export import check_checkpoint
+from compress.integrity import DTYPE_BYTES, stored_tensors
 
 SHAPE_KEYS = ("format", "in_features", "out_features")
 
@@ -20,7 +20,7 @@ def inspect_checkpoint(path: Path, *, verify: bool = True) -> tuple[list[dict[st
     layers = (config.get("quantization_config") or {}).get("layers", {})
     report_path = path / "report.json"
     recorded = json.loads(report_path.read_text()).get("layers", {}) if report_path.is_file() else {}
-    stored = _tensor_bits(path / WEIGHTS_FILE)
+    stored = _tensor_bits(path)
     rows = []
     total_bits = 0
     total_weights = 0
@@ -50,6 +50,6 @@ def inspect_checkpoint(path: Path, *, verify: bool = True) -> tuple[list[dict[st
 
 
 def _tensor_bits(path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """`{tensor: (stored bits, shape)}` from the safetensors header."""
-    header = read_safetensors_header(path)
+    """`{tensor: (stored bits, shape)}` from the safetensors headers of the checkpoint in `path`."""
+    header = stored_tensors(path)
     return {name: (math.prod(shape) * 8 * DTYPE_BYTES[dtype], shape) for name, (dtype, shape) in header.items()}

@@ -15,6 +15,8 @@ from torch import nn
 from compress.errors import CompressError
 
 REPORT_FILE = "report.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint: which shard holds each tensor
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
@@ -115,6 +117,52 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
         state = "truncated" if data_bytes < position else "longer than its tensors"
         raise CompressError(f"{where}: the file is {state} ({data_bytes} data bytes, the header describes {position})")
     return tensors
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's weight files: `model.safetensors`, or the shards its index lists (in order)."""
+    where = f"checkpoint {str(directory)!r}"
+    index = directory / INDEX_FILE
+    if not index.is_file():
+        if not (directory / WEIGHTS_FILE).is_file():
+            raise CompressError(f"{where}: {WEIGHTS_FILE} is missing")
+        return [directory / WEIGHTS_FILE]
+    weight_map = _weight_map(index)
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        if Path(name).is_absolute() or ".." in Path(name).parts or not (directory / name).is_file():
+            raise CompressError(f"{where}: {INDEX_FILE} lists the shard {name!r}, which is missing")
+    return [directory / name for name in files]
+
+
+def stored_tensors(directory: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """`{tensor: (dtype, shape)}` over every weight file of the checkpoint, each header checked as
+    `read_safetensors_header` does; for shards, each tensor must be in the shard the index names, and only once."""
+    files = weight_files(directory)
+    if len(files) == 1 and files[0].name == WEIGHTS_FILE:
+        return read_safetensors_header(files[0])
+    weight_map = _weight_map(directory / INDEX_FILE)
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for path in files:
+        for name, entry in read_safetensors_header(path).items():
+            if weight_map.get(name) != path.name or name in tensors:
+                raise CompressError(f"{path}: holds tensor {name!r}, which {INDEX_FILE} places in "
+                                    f"{weight_map.get(name)!r}")  # fmt: skip
+            tensors[name] = entry
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise CompressError(f"checkpoint {str(directory)!r}: {INDEX_FILE} lists tensors no shard holds: {missing[:5]}")
+    return tensors
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CompressError(f"{index}: not a readable shard index ({error})") from error
+    return weight_map
 
 
 def expected_tensors(model: nn.Module) -> tuple[dict[str, tuple[str, tuple[int, ...]]], set[str]]:

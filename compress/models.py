@@ -99,7 +99,7 @@ def skeleton(config, kind: str, *, trust_remote_code: bool = False) -> nn.Module
     """The model's module tree with every tensor on the meta device: shapes without memory."""
     from accelerate import init_empty_weights
 
-    model_class = _auto_class(kind)
+    model_class = auto_class(kind)
     try:
         with init_empty_weights(include_buffers=True):
             return model_class.from_config(config, trust_remote_code=trust_remote_code)
@@ -115,10 +115,10 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype: torch.dtype
     source = resolve_model(name)
     _, kind = load_config(source, trust_remote_code=trust_remote_code)
     try:
-        model = _auto_class(kind).from_pretrained(
+        model = auto_class(kind).from_pretrained(
             source.location, gguf_file=source.gguf_file, dtype=dtype, trust_remote_code=trust_remote_code
         )
-        tokenizer = _load_tokenizer(source.location, source.gguf_file, trust_remote_code)
+        tokenizer = load_tokenizer(source.location, source.gguf_file, trust_remote_code)
     except CompressError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -132,9 +132,10 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype: torch.dtype
 
 
 def check_weights_finite(model: nn.Module, what: str) -> None:
-    """Refuse a model whose weights hold NaN or infinity, naming the first such tensor."""
+    """Refuse a model whose weights hold NaN or infinity, naming the first such tensor (tensors on the meta device,
+    not yet read, are skipped)."""
     for tensor_name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise NumericError(f"{what}: tensor {tensor_name} holds {bad} NaN or infinite values")
 
@@ -150,13 +151,13 @@ def _kind_of(config) -> str:
     return "encoder"
 
 
-def _auto_class(kind: str):
+def auto_class(kind: str):
     from transformers import AutoModel, AutoModelForCausalLM
 
     return AutoModelForCausalLM if kind == "causal-lm" else AutoModel
 
 
-def _load_tokenizer(location: str, gguf_file: str | None, trust_remote_code: bool):
+def load_tokenizer(location: str, gguf_file: str | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     try:
@@ -180,18 +181,18 @@ def count_parameters(model: nn.Module) -> int:
     not its packed codes and scales, so only pruning changes the count."""
     from compress.formats.base import QuantizedLinear
 
-    seen: set[int] = set()
+    seen: set[int] = set()  # by identity: tensors on the meta device (a streamed model) share no data pointer
     total = 0
     compressed = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     for module in compressed:
         total += module.in_features * module.out_features
-        for tensor in module.state_dict().values():
-            seen.add(tensor.data_ptr())
+        for tensor in module.state_dict(keep_vars=True).values():
+            seen.add(id(tensor))
         if module.bias is not None:
             total += module.bias.numel()
     for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
             total += tensor.numel()
     return total
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
 import torch
 from torch import nn
 
+from compress import __version__
 from compress import data as textdata
+from compress.blockwise import run_stage
+from compress.errors import CompressError
 from compress.eval import (
     ReferenceCache,
     directory_size,
@@ -22,14 +25,24 @@ from compress.eval import (
     sentence_embeddings,
     tokens_per_second,
 )
-from compress.export import atomic_directory, check_destination, round_to_storage, save_checkpoint
+from compress.export import (
+    atomic_directory,
+    check_destination,
+    checkpoint_config,
+    round_to_storage,
+    save_checkpoint,
+    write_side_files,
+)
 from compress.formats.base import QuantizedLinear
 from compress.integrity import file_digests
 from compress.memory import peak_rss_bytes, reset_peak_rss
-from compress.models import LoadedModel, count_parameters, load_model
+from compress.memory_plan import plan_memory
+from compress.models import count_parameters, find_blocks, load_model, resolve_model
 from compress.recipe import Recipe, TextSource
 from compress.registry import STAGES
 from compress.report import Report, StageRecord, environment
+from compress.run_state import RunState, fingerprint, run_directory
+from compress.streaming import BlockStreamer, StreamedEvaluation, link_shards, load_outside, open_streamed
 from compress.validate import raise_problems, recipe_problems
 
 log = logging.getLogger(__name__)
@@ -88,9 +101,25 @@ class RunResult:
     report: Report
 
 
-def run(recipe: Recipe, *, force: bool = False, evaluate: bool = True) -> RunResult:
+def run(
+    recipe: Recipe,
+    *,
+    force: bool = False,
+    evaluate: bool = True,
+    resume: bool = False,
+    stream: bool = False,
+    max_memory: int | None = None,
+) -> RunResult:
     """Compress `recipe.model` with `recipe.stages`, evaluate before and after (unless `evaluate` is false),
-    export to `recipe.export.out`."""
+    export to `recipe.export.out`. Finished stages and blocks are checkpointed beside the output; with `resume`, a
+    run that was killed continues from them and ends with the same files as an uninterrupted run.
+
+    With `stream`, the model is never loaded whole (compress/streaming.py). With `max_memory` (bytes), the run
+    streams when the model would not fit, and refuses at the start when even streaming needs more."""
+    if max_memory is not None:
+        stream = plan_memory(recipe, max_memory, stream).stream
+    if stream:
+        return _run_streamed(recipe, force=force, evaluate=evaluate, resume=resume)
     started = time.perf_counter()
     out = check_destination(recipe.export.out, force)
     seed_everything(recipe.seed)
@@ -108,7 +137,8 @@ def run(recipe: Recipe, *, force: bool = False, evaluate: bool = True) -> RunRes
     # Under `accelerate launch` every process runs the recipe (training stages split their batches between them);
     # only the main process evaluates and writes.
     main_process = _is_main_process()
-    evaluation = _Evaluation(model, loaded, context) if evaluate and main_process else None
+    state = RunState(run_directory(out), run_fingerprint(recipe), resume=resume, writer=main_process)
+    evaluation = _Evaluation(model, loaded.kind, context) if evaluate and main_process else None
     if evaluation is not None:
         report.before = evaluation.measure(model, original=True)
 
@@ -116,15 +146,25 @@ def run(recipe: Recipe, *, force: bool = False, evaluate: bool = True) -> RunRes
         prepare = STAGES[stage.name].prepare
         if prepare is not None:
             prepare(model, stage.config, context)
+    restore_finished_stages(model, recipe, state, context)
+    report.stages = [StageRecord(**record) for record in state.stage_records]
     peak_before_stages = peak_rss_bytes()  # each stage resets the high-water mark; keep what came before
-    for stage in recipe.stages:
+    for index, stage in enumerate(recipe.stages):
+        if index < state.stages_done:
+            continue
         log.info("stage %s", stage.name)
         reset_peak_rss()
         stage_start = time.perf_counter()
         context.metrics = {}
-        STAGES[stage.name].apply(model, stage.config, context)
-        seconds = time.perf_counter() - stage_start
-        report.stages.append(StageRecord(stage.name, seconds, peak_rss_bytes(), context.metrics))
+        entry = STAGES[stage.name]
+        if entry.block is not None:
+            run_stage(model, entry, stage.config, context, stage_index=index, state=state)
+        else:
+            entry.apply(model, stage.config, context)
+            state.save_model(index, model, context)
+        record = StageRecord(stage.name, time.perf_counter() - stage_start, peak_rss_bytes(), context.metrics)
+        report.stages.append(record)
+        state.finish_stage(asdict(record))
 
     round_to_storage(model)
     if evaluation is not None:
@@ -146,7 +186,109 @@ def run(recipe: Recipe, *, force: bool = False, evaluate: bool = True) -> RunRes
         (directory / "report.md").write_text(report.to_markdown())
         report.files = file_digests(directory)
         (directory / "report.json").write_text(report.to_json())
+    state.discard()
     return RunResult(model, report)
+
+
+def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool) -> RunResult:
+    """`run` for a model that is never held whole: block-local stages only, blocks read from the safetensors
+    shards one at a time, the checkpoint written as one shard per block."""
+    started = time.perf_counter()
+    out = check_destination(recipe.export.out, force)
+    problems = streaming_problems(recipe)
+    if problems:
+        raise CompressError(f"recipe {recipe.path} cannot stream:\n  " + "\n  ".join(problems))
+    seed_everything(recipe.seed)
+    source = resolve_model(recipe.model.name)
+    model, tokenizer, kind, weights = open_streamed(source, trust_remote_code=recipe.model.trust_remote_code)
+    context = Context(recipe=recipe, tokenizer=tokenizer, kind=kind)
+    raise_problems(recipe, recipe_problems(recipe, model)[0])
+    report = Report(recipe=recipe.path, environment=environment())
+    report.model = {"source": recipe.model.name, "architecture": type(model).__name__,
+                    "parameters": count_parameters(model), "streamed": True}  # fmt: skip
+    report.size["dense_fp16_bytes"] = 2 * count_parameters(model)
+    state = RunState(run_directory(out), run_fingerprint(recipe, "streamed"), resume=resume)
+    evaluation = _Evaluation(model, kind, context, speed=False) if evaluate else None
+    streams = None
+    if evaluation is not None:
+        spec = recipe.data.evaluation
+        streams = StreamedEvaluation(model, context.evaluation_windows, spec.batch_size)
+    streamer = BlockStreamer(model, weights, streams)
+    report.stages = [StageRecord(**record) for record in state.stage_records]
+    peak_before_stages = peak_rss_bytes()
+    for index, stage in enumerate(recipe.stages):
+        if index < state.stages_done:
+            _, blocks = find_blocks(model)
+            for block in range(len(blocks)):
+                state.restore_block(model, index, block, context, tensors=False)
+            continue
+        reset_peak_rss()
+        stage_start = time.perf_counter()
+        context.metrics = {}
+        run_stage(model, STAGES[stage.name], stage.config, context, stage_index=index, state=state, streamer=streamer)
+        record = StageRecord(stage.name, time.perf_counter() - stage_start, peak_rss_bytes(), context.metrics)
+        report.stages.append(record)
+        state.finish_stage(asdict(record))
+    if evaluation is not None:
+        load_outside(model, weights)  # the original's embeddings and head, as the source stores them
+        with streams.replay(model, "original"):
+            report.before = evaluation.measure(model, original=True)
+    round_to_storage(model)  # the tensors outside the blocks, as the export stores them
+    if evaluation is not None:
+        with streams.replay(model, "compressed"):
+            report.after = evaluation.measure(model, original=False)
+        evaluation.close()
+    report.after["bits_per_weight"], report.after["quantized_weights"] = quantized_bits(model)
+    report.after["parameters"] = count_parameters(model)
+    report.layers = context.layers
+    _, blocks = find_blocks(model)
+    with atomic_directory(out) as directory:
+        config, metadata = checkpoint_config(model, packed=True)
+        files = [state.block_file(len(recipe.stages) - 1, index) for index in range(len(blocks))]
+        link_shards(model, files, directory, metadata)
+        write_side_files(model, config, tokenizer, directory, recipe.to_yaml())
+        report.size["checkpoint_bytes"] = directory_size(directory)
+        peak = max([peak_before_stages, peak_rss_bytes(), *(s.peak_rss_bytes for s in report.stages)])
+        report.total = {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak}
+        (directory / "report.md").write_text(report.to_markdown())
+        report.files = file_digests(directory)
+        (directory / "report.json").write_text(report.to_json())
+    state.discard()
+    return RunResult(model, report)
+
+
+def streaming_problems(recipe: Recipe) -> list[str]:
+    """Why `recipe` cannot run streamed: streaming runs one block-local stage and exports the packed format."""
+    problems = []
+    if len(recipe.stages) != 1:
+        problems.append(recipe.problem(("stages",), f"streaming runs one stage; the recipe has {len(recipe.stages)}"))
+    for index, stage in enumerate(recipe.stages):
+        if STAGES[stage.name].block is None:
+            message = f"{stage.name} trains the whole model and cannot stream; rtn, nupes and jlcm can"
+            problems.append(recipe.problem(("stages", index, "stage"), message))
+    if recipe.export.format != "packed":
+        problems.append(recipe.problem(("export", "format"), "streaming writes the packed format"))
+    return problems
+
+
+def run_fingerprint(recipe: Recipe, *extra: str) -> str:
+    """What a resumed run must share with the run that left the state: the resolved recipe and this version."""
+    return fingerprint(recipe.to_yaml(), __version__, *extra)
+
+
+def restore_finished_stages(model: nn.Module, recipe: Recipe, state: RunState, context: Context) -> None:
+    """Bring `model` to where the earlier run's finished stages left it: the last whole-model checkpoint, then the
+    blocks of every block-local stage after it (the stage under way restores its own finished blocks)."""
+    done = state.stages_done
+    whole = [i for i in range(done) if STAGES[recipe.stages[i].name].block is None]
+    first = 0
+    if whole:
+        state.restore_model(whole[-1], model, context)
+        first = whole[-1] + 1
+    _, blocks = find_blocks(model)
+    for index in range(first, done):
+        for block in range(len(blocks)):
+            state.restore_block(model, index, block, context)
 
 
 def _is_main_process() -> bool:
@@ -158,8 +300,9 @@ def _is_main_process() -> bool:
 class _Evaluation:
     """Measures the original model, keeps what the comparison needs, then measures the compressed one."""
 
-    def __init__(self, model: nn.Module, loaded: LoadedModel, context: Context) -> None:
-        self.kind = loaded.kind
+    def __init__(self, model: nn.Module, kind: str, context: Context, speed: bool = True) -> None:
+        self.kind = kind
+        self.speed = speed  # a streamed model cannot be timed as a whole
         self.spec = context.recipe.data.evaluation
         self.windows = context.evaluation_windows
         self.reference: ReferenceCache | None = None
@@ -190,7 +333,8 @@ class _Evaluation:
                 result["embedding_cosine"] = 1.0
             else:
                 result["embedding_cosine"] = float((embeddings * self.embeddings).sum(-1).mean())
-        result["tokens_per_second"] = tokens_per_second(model, self.windows, self.spec.batch_size)
+        if self.speed:
+            result["tokens_per_second"] = tokens_per_second(model, self.windows, self.spec.batch_size)
         return result
 
     def close(self) -> None:

@@ -20,7 +20,13 @@ class StageEntry:
     again). `needs_quantized`: the stage works on compressed layers, so a quantizing stage must come first.
     `check(config, layers)` returns `(field, problem)` pairs for the `{name: (out_features, in_features)}` of the
     layers the stage would select. `prepare(model, config, context)` runs before the first stage of the recipe,
-    on the original model (e.g. to record a teacher's outputs for distillation)."""
+    on the original model (e.g. to record a teacher's outputs for distillation).
+
+    A block-local stage (`block` set) compresses one transformer block at a time and touches nothing outside it:
+    `block(block, index, name, inputs, config, context)` compresses the block `name` in place, `inputs` being its
+    calibration inputs (`compress.calib.BlockInputs`) when `calibration_batch(config)` gives a batch size, else
+    None; it may return figures for the progress bar. Such stages can checkpoint after every block and stream a
+    model larger than memory (`compress.blockwise`)."""
 
     name: str
     config: type[BaseModel]
@@ -29,6 +35,8 @@ class StageEntry:
     needs_quantized: bool = False
     check: Callable | None = None
     prepare: Callable | None = None
+    block: Callable | None = None
+    calibration_batch: Callable | None = None
 
 
 STAGES: dict[str, StageEntry] = {}
@@ -51,6 +59,35 @@ def register_stage(
             raise ValueError(f"stage {name!r} is registered twice")
         STAGES[name] = StageEntry(name, config, apply, quantizes, needs_quantized, check, prepare)
         return apply
+
+    return wrap
+
+
+def register_block_stage(
+    name: str,
+    config: type[BaseModel],
+    *,
+    calibration_batch: Callable,
+    quantizes: bool = False,
+    check: Callable | None = None,
+) -> Callable[[Callable], Callable]:
+    """Register `block(block, index, name, inputs, config, context)` as the block-local stage `name` (see
+    `StageEntry`); its whole-model `apply` runs the blocks in order through `compress.blockwise.run_stage`.
+    `calibration_batch(config)` is the batch size of the calibration inputs the stage needs, or None."""
+
+    def wrap(block: Callable) -> Callable:
+        from compress.blockwise import run_stage
+
+        if name in STAGES:
+            raise ValueError(f"stage {name!r} is registered twice")
+
+        def apply(model, stage_config, context) -> None:
+            run_stage(model, STAGES[name], stage_config, context)
+
+        STAGES[name] = StageEntry(
+            name, config, apply, quantizes, False, check, None, block=block, calibration_batch=calibration_batch
+        )
+        return block
 
     return wrap
 

@@ -112,10 +112,14 @@ def test_a_failing_export_leaves_nothing_behind(model_dirs, tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pipeline, "save_checkpoint", broken)
-    with pytest.raises(OSError):
-        pipeline.run(tiny_recipe(model_dirs["llama"], out, RTN))
-    assert list(tmp_path.iterdir()) == []
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "save_checkpoint", broken)
+        with pytest.raises(OSError):
+            pipeline.run(tiny_recipe(model_dirs["llama"], out, RTN))
+    # No output, nothing half-written: only the hidden state of the finished stages, which --resume continues from.
+    assert [p.name for p in tmp_path.iterdir()] == [".out.run"]
+    pipeline.run(tiny_recipe(model_dirs["llama"], out, RTN), resume=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_load_refuses_what_is_not_a_checkpoint(tmp_path):

@@ -17,13 +17,12 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from tqdm.auto import tqdm
 
-from compress.calib import iterate_blocks, run_collecting
+from compress.calib import run_collecting
 from compress.errors import CompressError, NumericError
 from compress.formats.codebook import CodebookLinear
-from compress.models import dense_weight, find_blocks, find_linears, replace_module
-from compress.registry import register_stage
+from compress.models import dense_weight, find_linears, replace_module
+from compress.registry import STAGES, register_block_stage
 from compress.solvers.codebook_learning import MappingRule, learn_block
 from compress.solvers.codebooks import balanced_groups, row_features, weighted_kmeans
 from compress.stages.base import LayerSelection, check_finite, relative_error
@@ -85,59 +84,56 @@ def group_count(out_features: int, rows_per_group: int) -> int:
     return min(divisors, key=lambda n: (abs(math.log(n) - wanted), n))
 
 
-@register_stage("jlcm", JlcmConfig, quantizes=True, check=shape_problems)
-def apply(model, config: JlcmConfig, context) -> None:
-    prefix, blocks = find_blocks(model)
-    generator = torch.Generator().manual_seed(context.recipe.seed)
-    windows = context.calibration_windows
-    progress = tqdm(iterate_blocks(model, windows, config.batch_size), total=len(blocks), desc="jlcm", unit="block")
-    for index, block, inputs in progress:
-        block_prefix = f"{prefix}.{index}"
-        linears = find_linears(block, config.targets, config.ignore, prefix="")
-        if not linears:
-            continue
-        outputs, energy = run_collecting(block, inputs, linears, lambda linear: InputEnergy())
-        for output in outputs:
-            check_finite(output, f"jlcm: block {block_prefix} output")
-        weights, sensitivity, layers = {}, {}, {}
-        for name, linear in linears.items():
-            weight = dense_weight(linear).float()
-            check_finite(weight, f"jlcm: layer {block_prefix}.{name} weight")
-            _check_shape(f"{block_prefix}.{name}", weight, config)
-            weights[name] = weight
-            sensitivity[name] = energy[name].normalised()
-            layers[name] = initial_layer(weight, linear.bias, sensitivity[name], config, generator)
-            replace_module(block, name, layers[name])
-        try:
-            losses, moves = (
-                learn_block(
-                    block,
-                    layers,
-                    weights,
-                    sensitivity,
-                    inputs,
-                    outputs,
-                    steps=config.steps,
-                    codebook_learning_rate=config.codebook_learning_rate,
-                    scale_learning_rate=config.scale_learning_rate,
-                    latent_learning_rate=config.latent_learning_rate,
-                    rule=config.mapping_rule(),
-                    seed=context.recipe.seed + index,
-                )  # fmt: skip
-                if config.steps
-                else ([], 0)
-            )
-        except NumericError as error:
-            raise NumericError(
-                f"jlcm: block {block_prefix}: {error}; the stage stopped and nothing was written"
-            ) from error
-        if losses:
-            progress.set_postfix(error=f"{losses[0]:.4f}->{losses[-1]:.4f}", moves=moves)
-            log.info("block %s: relative output error %.5f -> %.5f, %d mapping moves", block_prefix, losses[0],
-                     losses[-1], moves)  # fmt: skip
-        for name, weight in weights.items():
-            layer = block.get_submodule(name)
-            context.record_layer(f"{block_prefix}.{name}", layer, relative_error(weight, layer.dequantize()))
+@register_block_stage("jlcm", JlcmConfig, calibration_batch=lambda config: config.batch_size, quantizes=True,
+                      check=shape_problems)  # fmt: skip
+def compress_block(block, index: int, name: str, inputs, config: JlcmConfig, context) -> dict | None:
+    linears = find_linears(block, config.targets, config.ignore)
+    if not linears:
+        return None
+    generator = torch.Generator().manual_seed(context.recipe.seed + index)
+    outputs, energy = run_collecting(block, inputs, linears, lambda linear: InputEnergy())
+    for output in outputs:
+        check_finite(output, f"jlcm: block {name} output")
+    weights, sensitivity, layers = {}, {}, {}
+    for relative, linear in linears.items():
+        weight = dense_weight(linear).float()
+        check_finite(weight, f"jlcm: layer {name}.{relative} weight")
+        _check_shape(f"{name}.{relative}", weight, config)
+        weights[relative] = weight
+        sensitivity[relative] = energy[relative].normalised()
+        layers[relative] = initial_layer(weight, linear.bias, sensitivity[relative], config, generator)
+        replace_module(block, relative, layers[relative])
+    try:
+        losses, moves = (
+            learn_block(
+                block,
+                layers,
+                weights,
+                sensitivity,
+                inputs,
+                outputs,
+                steps=config.steps,
+                codebook_learning_rate=config.codebook_learning_rate,
+                scale_learning_rate=config.scale_learning_rate,
+                latent_learning_rate=config.latent_learning_rate,
+                rule=config.mapping_rule(),
+                seed=context.recipe.seed + index,
+            )  # fmt: skip
+            if config.steps
+            else ([], 0)
+        )
+    except NumericError as error:
+        raise NumericError(f"jlcm: block {name}: {error}; the stage stopped and nothing was written") from error
+    for relative, weight in weights.items():
+        layer = block.get_submodule(relative)
+        context.record_layer(f"{name}.{relative}", layer, relative_error(weight, layer.dequantize()))
+    if losses:
+        log.info("block %s: relative output error %.5f -> %.5f, %d mapping moves", name, losses[0], losses[-1], moves)
+        return {"error": f"{losses[0]:.4f}->{losses[-1]:.4f}", "moves": moves}
+    return None
+
+
+apply = STAGES["jlcm"].apply  # the whole model, block by block
 
 
 class InputEnergy:

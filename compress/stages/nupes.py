@@ -13,23 +13,16 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
-from tqdm.auto import tqdm
 
-from compress.calib import iterate_blocks, run_collecting
+from compress.calib import run_collecting
 from compress.errors import CompressError, NumericError
 from compress.formats.power import PowerLinear, nearest_codes
-from compress.models import dense_weight, find_blocks, find_linears, replace_module
-from compress.registry import register_stage
+from compress.models import dense_weight, find_linears, replace_module
+from compress.registry import STAGES, register_block_stage
 from compress.solvers.gptq import HessianAccumulator, gptq_round
 from compress.solvers.power_search import search_exponent_and_clip
 from compress.solvers.reconstruct import ReconstructionSettings, reconstruct_block
-from compress.stages.base import (
-    LayerSelection,
-    blocks_with_linears,
-    check_finite,
-    group_size_problems,
-    relative_error,
-)
+from compress.stages.base import LayerSelection, check_finite, group_size_problems, relative_error
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +59,39 @@ class NupesConfig(LayerSelection):
         return self
 
 
-@register_stage("nupes", NupesConfig, quantizes=True, check=group_size_problems)
-def apply(model, config: NupesConfig, context) -> None:
+def _calibration_batch(config: NupesConfig) -> int | None:
+    return config.batch_size if config.mode == "data-driven" else None
+
+
+@register_block_stage("nupes", NupesConfig, calibration_batch=_calibration_batch, quantizes=True,
+                      check=group_size_problems)  # fmt: skip
+def compress_block(block, index: int, name: str, inputs, config: NupesConfig, context) -> dict | None:
+    linears = find_linears(block, config.targets, config.ignore)
     if config.mode == "data-free":
-        for _, linears in tqdm(list(blocks_with_linears(model, config)), desc="nupes data-free", unit="block"):
-            for name, linear in linears.items():
-                weight = _checked_weight(name, linear, config)
-                exponent, clip = _search(weight, config, importance=None)
-                group_size = _group(config, weight)
-                layer = PowerLinear.from_weight(weight, linear.bias, config.bits, group_size, exponent, clip)
-                context.record_layer(name, layer, relative_error(weight, layer.dequantize()))
-                replace_module(model, name, layer)
-        return
-    _data_driven(model, config, context)
-
-
-def _data_driven(model, config: NupesConfig, context) -> None:
-    prefix, blocks = find_blocks(model)
-    windows = context.calibration_windows
+        for relative, linear in linears.items():
+            weight = _checked_weight(f"{name}.{relative}", linear, config)
+            exponent, clip = _search(weight, config, importance=None)
+            layer = PowerLinear.from_weight(weight, linear.bias, config.bits, _group(config, weight), exponent, clip)
+            context.record_layer(f"{name}.{relative}", layer, relative_error(weight, layer.dequantize()))
+            replace_module(block, relative, layer)
+        return None
+    if not linears:
+        return None
+    targets, hessians = run_collecting(
+        block, inputs, linears, lambda linear: HessianAccumulator(dense_weight(linear).shape[1])
+    )
+    for output in targets:
+        check_finite(output, f"nupes: block {name} output")
+    layers = {}
+    for relative, linear in linears.items():
+        weight = _checked_weight(f"{name}.{relative}", linear, config)
+        hessian = hessians[relative].hessian.float()
+        exponent, clip = _search(weight, config, importance=torch.diag(hessian))
+        layer = PowerLinear.from_weight(weight, linear.bias, config.bits, _group(config, weight), exponent, clip)
+        if config.gptq:
+            layer.set_codes(_gptq_codes(layer, weight, hessian, config.damping))
+        layers[relative] = layer
+        replace_module(block, relative, layer)
     settings = ReconstructionSettings(
         steps=config.steps,
         learning_rate=config.learning_rate,
@@ -92,39 +100,20 @@ def _data_driven(model, config: NupesConfig, context) -> None:
         min_exponent=config.min_exponent,
         seed=context.recipe.seed,
     )
-    progress = tqdm(iterate_blocks(model, windows, config.batch_size), total=len(blocks), desc="nupes", unit="block")
-    for index, block, inputs in progress:
-        block_prefix = f"{prefix}.{index}"
-        linears = find_linears(block, config.targets, config.ignore, prefix="")
-        if not linears:
-            continue
-        targets, hessians = run_collecting(
-            block, inputs, linears, lambda linear: HessianAccumulator(dense_weight(linear).shape[1])
-        )
-        for output in targets:
-            check_finite(output, f"nupes: block {block_prefix} output")
-        layers = {}
-        for name, linear in linears.items():
-            weight = _checked_weight(f"{block_prefix}.{name}", linear, config)
-            hessian = hessians[name].hessian.float()
-            exponent, clip = _search(weight, config, importance=torch.diag(hessian))
-            layer = PowerLinear.from_weight(weight, linear.bias, config.bits, _group(config, weight), exponent, clip)
-            if config.gptq:
-                layer.set_codes(_gptq_codes(layer, weight, hessian, config.damping))
-            layers[name] = layer
-            replace_module(block, name, layer)
-        try:
-            losses = reconstruct_block(block, layers, inputs, targets, settings) if config.steps else []
-        except NumericError as error:
-            raise NumericError(
-                f"nupes: block {block_prefix}: {error}; the stage stopped and nothing was written"
-            ) from error
-        if losses:
-            progress.set_postfix(error=f"{losses[0]:.4f}->{losses[-1]:.4f}")
-            log.info("block %s: relative output error %.5f -> %.5f", block_prefix, losses[0], losses[-1])
-        for name, layer in layers.items():
-            weight = dense_weight(linears[name])
-            context.record_layer(f"{block_prefix}.{name}", layer, relative_error(weight, layer.dequantize()))
+    try:
+        losses = reconstruct_block(block, layers, inputs, targets, settings) if config.steps else []
+    except NumericError as error:
+        raise NumericError(f"nupes: block {name}: {error}; the stage stopped and nothing was written") from error
+    for relative, layer in layers.items():
+        weight = dense_weight(linears[relative])
+        context.record_layer(f"{name}.{relative}", layer, relative_error(weight, layer.dequantize()))
+    if losses:
+        log.info("block %s: relative output error %.5f -> %.5f", name, losses[0], losses[-1])
+        return {"error": f"{losses[0]:.4f}->{losses[-1]:.4f}"}
+    return None
+
+
+apply = STAGES["nupes"].apply  # the whole model, block by block
 
 
 def _gptq_codes(layer: PowerLinear, weight: torch.Tensor, hessian: torch.Tensor, damping: float) -> torch.Tensor:

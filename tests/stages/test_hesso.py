@@ -191,3 +191,38 @@ def test_a_killed_training_resumes_to_the_same_checkpoint(model_dirs, tmp_path, 
         tmp_path / "reference" / "model.safetensors"
     ).read_bytes()
     assert not checkpoint.exists()
+
+
+def test_two_processes_match_one(model_dirs, tmp_path):
+    """`accelerate launch --cpu --num_processes 2`: each process takes half of every batch, gradients are averaged,
+    so the same groups are pruned and the validation losses match one process within float noise."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from tests.conftest import TINY_DATA
+
+    stage = {"stage": "hesso", "warmup_steps": 2, "pruning_periods": 2, "steps_per_period": 3, "recovery_steps": 4,
+             "eval_every": 2, "learning_rate": 1e-3, "validation_windows": 2, "batch_size": 2}  # fmt: skip
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"out{processes}"
+        recipe = tmp_path / f"r{processes}.yaml"
+        raw = {"model": str(model_dirs["llama"]), "data": TINY_DATA, "stages": [stage], "export": {"out": str(out)}}
+        recipe.write_text(yaml.safe_dump(raw))
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+        command = launch + ["-m", "compress", "run", str(recipe), "--no-eval"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        root = Path(__file__).resolve().parents[2]
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[processes] = json.loads((out / "report.json").read_text())["stages"][0]["metrics"]
+    one, two = runs[1], runs[2]
+    assert one["blocks"] == two["blocks"] and one["pruned"] == two["pruned"]
+    assert [v["step"] for v in one["validation"]] == [v["step"] for v in two["validation"]]
+    for a, b in zip(one["validation"], two["validation"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.02)

@@ -1,0 +1,132 @@
+"""`--max-memory`: estimate, before any weight is read, the peak memory of a run in memory and streamed, choose
+the mode that fits the budget, or refuse at the start saying what the run needs.
+
+The estimate counts the model's float32 tensors from its config (on a skeleton, no weights read), the working
+copies a block needs while it is compressed, the calibration and evaluation activations, the per-layer input
+statistics of data-driven stages, and the process itself (torch and transformers loaded). It is an estimate:
+the figures in the README come from `scripts/bench_scale.py`, which measures the real peak against it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from compress.errors import CompressError
+from compress.models import LINEAR_TYPES, dense_weight, find_blocks, find_linears, load_config, resolve_model, skeleton
+from compress.recipe import Recipe
+from compress.registry import STAGES
+
+log = logging.getLogger(__name__)
+
+PROCESS_BYTES = 600 * 2**20  # python with torch, transformers and compress imported, measured: about 560 MiB
+BLOCK_COPIES = 4  # a block's weights, the compressed layers, and two layer-sized temporaries of the search
+TRAINING_COPIES = 5  # weights, gradients, two Adam moments, the teacher (pv_tuning, hesso)
+
+
+@dataclass
+class MemoryPlan:
+    stream: bool
+    in_memory: dict[str, int] = field(default_factory=dict)
+    streamed: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def total(parts: dict[str, int]) -> int:
+        return sum(parts.values())
+
+
+def parse_size(text: str) -> int:
+    """`2.5GB`, `2500MB`, `2.5G`, `800M`, `3GiB` or plain bytes -> bytes (GB and G both mean 2^30)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if match is None:
+        raise CompressError(f"--max-memory {text!r}: expected a size such as 2.5GB, 800MB or 3000000000")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** "_KMGT".index(unit or "_"))
+
+
+def estimate(recipe: Recipe, model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
+    """(in memory, streamed) peak estimates in bytes, by part, for `recipe` on the skeleton `model`."""
+    prefix, blocks = find_blocks(model)
+    sizes = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            sizes[name] = tensor.numel() * 4
+    total = sum(sizes.values())
+    outside = sum(size for name, size in sizes.items() if not name.startswith(prefix + "."))
+    block = max(sum(s for n, s in sizes.items() if n.startswith(f"{prefix}.{i}.")) for i in range(len(blocks)))
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    calibration = recipe.data.calibration
+    evaluation = recipe.data.evaluation
+    calibrates = any(
+        STAGES[s.name].calibration_batch is not None and STAGES[s.name].calibration_batch(s.config)
+        for s in recipe.stages
+    )
+    training = any(STAGES[s.name].block is None for s in recipe.stages)
+    activations = 3 * calibration.num_samples * calibration.seq_len * hidden * 4 if calibrates else 0
+    statistics = 0
+    if calibrates:
+        linears = find_linears(blocks[0], list(LINEAR_TYPES), []).values()
+        statistics = sum(4 * dense_weight(linear).shape[1] ** 2 for linear in linears)
+    logits = 3 * evaluation.batch_size * evaluation.seq_len * vocab * 4
+    in_memory = {
+        "process": PROCESS_BYTES,
+        "model (float32)": total * (TRAINING_COPIES if training else 1),
+        "block being compressed": block * (BLOCK_COPIES - 1),
+        "calibration activations": activations,
+        "layer input statistics": statistics,
+        "evaluation logits": logits,
+    }
+    streamed = {
+        "process": PROCESS_BYTES,
+        "embeddings and head (float32)": outside,
+        "block being compressed": block * BLOCK_COPIES,
+        "calibration activations": activations,
+        "layer input statistics": statistics,
+        "evaluation streams": 2 * evaluation.num_windows * evaluation.seq_len * hidden * 4,
+        "evaluation logits": logits,
+    }
+    return in_memory, streamed
+
+
+def plan_memory(recipe: Recipe, budget: int, stream: bool) -> MemoryPlan:
+    """In memory if that fits `budget` (and streaming was not asked for), else streamed if the recipe can stream
+    and that fits; else a `CompressError` that lists what the run needs."""
+    from compress.pipeline import streaming_problems
+
+    source = resolve_model(recipe.model.name)
+    config, kind = load_config(source, trust_remote_code=recipe.model.trust_remote_code)
+    model = skeleton(config, kind, trust_remote_code=recipe.model.trust_remote_code)
+    in_memory, streamed = estimate(recipe, model)
+    plan = MemoryPlan(stream, in_memory, streamed)
+    if not stream and plan.total(in_memory) <= budget:
+        log.info("--max-memory: in memory, about %s of %s", _gib(plan.total(in_memory)), _gib(budget))
+        return plan
+    problems = streaming_problems(recipe)
+    if not problems and plan.total(streamed) <= budget:
+        log.info("--max-memory: streamed block by block, about %s of %s", _gib(plan.total(streamed)), _gib(budget))
+        plan.stream = True
+        return plan
+    lines = [f"--max-memory {_gib(budget)} is too small for this run."]
+    if not stream:
+        lines.append(f"In memory it needs about {_gib(plan.total(in_memory))}: {_parts(in_memory)}.")
+    if problems:
+        lines.append("It cannot stream: " + "; ".join(problems))
+    else:
+        lines.append(f"Streamed block by block it needs about {_gib(plan.total(streamed))}: {_parts(streamed)}.")
+        lines.append("Fewer calibration samples or evaluation windows, or a shorter seq_len, need less.")
+    raise CompressError(" ".join(lines))
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def _parts(parts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in parts.items() if size)

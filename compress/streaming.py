@@ -1,0 +1,267 @@
+"""Compress a model larger than memory, one block at a time.
+
+The model is built as a skeleton without weights (accelerate's empty-weights init). Only the tensors outside the
+transformer blocks (embeddings, final norm, output head) are read at the start. Each block's weights are read from
+the safetensors shards just before its turn; once compressed, the block is written out as its own shard of the
+checkpoint and its tensors are dropped. Peak memory is about one block, the embeddings and the activations.
+
+Evaluation streams too: the evaluation windows' hidden states go through each original block and through the
+same block compressed, and the final norm and head turn both streams into logits at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from compress.calib import capture_first_block_inputs
+from compress.errors import CompressError
+from compress.export import packed_state_dict, round_to_storage
+from compress.hf import QUANT_METHOD
+from compress.integrity import INDEX_FILE, WEIGHTS_FILE
+from compress.models import ModelSource, check_weights_finite, find_blocks, load_config, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class ShardedWeights:
+    """The tensors of a Hugging Face safetensors checkpoint (`model.safetensors`, or the shards of
+    `model.safetensors.index.json`), read one at a time by the model's own tensor names."""
+
+    def __init__(self, directory: Path, model: nn.Module) -> None:
+        self.directory = directory
+        index = directory / INDEX_FILE
+        if index.is_file():
+            try:
+                stored = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise CompressError(f"model {str(directory)!r}: {INDEX_FILE} is not readable ({error})") from error
+        elif (directory / WEIGHTS_FILE).is_file():
+            with safe_open(str(directory / WEIGHTS_FILE), "pt") as handle:
+                stored = dict.fromkeys(handle.keys(), WEIGHTS_FILE)
+        else:
+            raise CompressError(
+                f"model {str(directory)!r}: streaming reads safetensors weights ({WEIGHTS_FILE} or {INDEX_FILE}), "
+                "and the directory has neither"
+            )
+        base = getattr(model, "base_model_prefix", "")
+        self.files: dict[str, str] = {}  # the model's tensor name -> (stored name, file)
+        self.stored: dict[str, str] = {}
+        missing = []
+        for name in _unique_tensors(model):
+            candidates = [name, name.removeprefix(f"{base}."), f"{base}.{name}"] if base else [name]
+            found = next((c for c in candidates if c in stored), None)
+            if found is None:
+                missing.append(name)
+                continue
+            self.stored[name], self.files[name] = found, stored[found]
+        if missing:
+            raise CompressError(
+                f"model {str(directory)!r}: the safetensors weights lack {len(missing)} tensors of the model, "
+                f"e.g. {missing[:3]}"
+            )
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.directory / self.files[name]), "pt") as handle:
+            return handle.get_tensor(self.stored[name])
+
+
+def _unique_tensors(model: nn.Module) -> list[str]:
+    """Persistent tensor names, a tied tensor only under its first name."""
+    seen: set[int] = set()
+    names = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            names.append(name)
+    return names
+
+
+def open_streamed(source: ModelSource, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any, str, Any]:
+    """`(model, tokenizer, kind, weights)`: the model's skeleton with only the tensors outside its blocks loaded
+    (as float32), and the reader that brings the blocks in."""
+    from accelerate import init_empty_weights
+
+    from compress.models import auto_class
+
+    if source.gguf_file is not None:
+        raise CompressError(
+            f"model {source.name!r} is a GGUF file; streaming reads safetensors shards. Run without --stream (it "
+            "fits in memory), or convert it with transformers' save_pretrained first"
+        )
+    directory = _local_directory(source)
+    config, kind = load_config(source, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed, not stored
+        model = auto_class(kind).from_config(config, trust_remote_code=trust_remote_code)
+    model.eval()
+    model.tie_weights()  # tied tensors are stored once, under their first name
+    weights = ShardedWeights(directory, model)
+    load_outside(model, weights)
+    check_weights_finite(model, f"model {source.name!r}")
+    tokenizer = load_tokenizer(source.location, source.gguf_file, trust_remote_code)
+    return model, tokenizer, kind, weights
+
+
+def load_outside(model: nn.Module, weights: ShardedWeights) -> None:
+    """(Re)read every tensor outside the blocks as stored in the source (float32)."""
+    prefix, _ = find_blocks(model)
+    _load(model, weights, [name for name in _unique_tensors(model) if not name.startswith(prefix + ".")])
+    model.tie_weights()
+
+
+def _local_directory(source: ModelSource) -> Path:
+    path = Path(source.location)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as error:  # the hub client raises many kinds (network, authentication, missing repository)
+        raise CompressError(f"model {source.name!r} could not be fetched from the hub: {error}") from error
+
+
+def _load(model: nn.Module, weights: ShardedWeights, names: list[str]) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name in names:
+        tensor = weights.get(name)
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+        set_module_tensor_to_device(model, name, "cpu", value=tensor)
+
+
+class BlockStreamer:
+    """Brings block weights in before a block-local stage works on a block and writes the block out after
+    (the `Streamer` of compress/blockwise.py). With an `evaluation`, both evaluation streams advance per block."""
+
+    def __init__(self, model: nn.Module, weights: ShardedWeights, evaluation: StreamedEvaluation | None) -> None:
+        self.model = model
+        self.weights = weights
+        self.evaluation = evaluation
+        self.prefix, self.blocks = find_blocks(model)
+        self.metadata = {"format": "pt", "quant_method": QUANT_METHOD, "format_version": "1"}  # of every shard
+
+    def load(self, index: int) -> None:
+        block = self.blocks[index]
+        names = [f"{self.prefix}.{index}.{key}" for key in _unique_tensors(block)]
+        _load(self.model, self.weights, names)
+        check_weights_finite(block, f"block {self.prefix}.{index}")
+        if self.evaluation is not None:
+            self.evaluation.advance("original", block)
+
+    def finish(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """The compressed block's tensors as stored (float16), and the evaluation streams; the block's tensors are
+        then released (moved to the meta device, shapes kept)."""
+        block = self.blocks[index]
+        round_to_storage(block)
+        streams = {}
+        if self.evaluation is not None:
+            self.evaluation.advance("compressed", block)
+            streams = self.evaluation.streams()
+        tensors = {f"{self.prefix}.{index}.{k}": v for k, v in packed_state_dict(block).items()}
+        block.to("meta")
+        return tensors, streams
+
+    def resume(self, streams: dict[str, list[torch.Tensor]]) -> None:
+        if self.evaluation is not None:
+            self.evaluation.resume(streams)
+
+
+class StreamedEvaluation:
+    """The evaluation windows' hidden states through the original blocks and through the compressed ones."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int) -> None:
+        self.model, self.windows, self.batch_size = model, windows, batch_size
+        inputs = capture_first_block_inputs(model, windows, batch_size)
+        self.args, self.kwargs = inputs.args, inputs.kwargs
+        self.hidden: dict[str, list[torch.Tensor] | None] = {"original": list(inputs.hidden), "compressed": None}
+        self.tuple_output = False
+
+    @torch.no_grad()
+    def advance(self, stream: str, block: nn.Module) -> None:
+        if self.hidden[stream] is None:
+            # The compressed model embeds with the float16 tensors of its export; rounding them waits until the
+            # calibration inputs (embedded at full precision, as in an in-memory run) have been taken.
+            round_to_storage(self.model)
+            self.hidden[stream] = capture_first_block_inputs(self.model, self.windows, self.batch_size).hidden
+        outputs = []
+        for hidden, args, kwargs in zip(self.hidden[stream], self.args, self.kwargs, strict=True):
+            output = block(hidden, *args, **kwargs)
+            self.tuple_output = isinstance(output, (tuple, list))
+            outputs.append(output[0] if self.tuple_output else output)
+        self.hidden[stream] = outputs
+
+    def streams(self) -> dict[str, list[torch.Tensor]]:
+        flag = [torch.tensor(self.tuple_output)]
+        return {"eval-original": self.hidden["original"], "eval-compressed": self.hidden["compressed"],
+                "eval-tuple": flag}  # fmt: skip
+
+    def resume(self, streams: dict[str, list[torch.Tensor]]) -> None:
+        if "eval-original" in streams:
+            self.hidden = {"original": streams["eval-original"], "compressed": streams["eval-compressed"]}
+            self.tuple_output = bool(streams["eval-tuple"][0])
+
+    def replay(self, model: nn.Module, stream: str) -> _Replay:
+        """A context in which `model(input_ids=...)` on the evaluation batches, in order, returns the logits (or
+        last hidden states) of the `stream` model: the blocks are replaced by the stream's final hidden states."""
+        return _Replay(model, self.hidden[stream], self.tuple_output)
+
+
+class _ReplayBlock(nn.Module):
+    def __init__(self, outputs: list[torch.Tensor] | None, tuple_output: bool) -> None:
+        super().__init__()
+        self.outputs = iter(outputs) if outputs is not None else None
+        self.tuple_output = tuple_output
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs):
+        output = next(self.outputs) if self.outputs is not None else hidden
+        return (output,) if self.tuple_output else output
+
+
+class _Replay:
+    def __init__(self, model: nn.Module, outputs: list[torch.Tensor], tuple_output: bool) -> None:
+        self.prefix, self.blocks = find_blocks(model)
+        self.outputs, self.tuple_output = outputs, tuple_output
+        self.saved: list[nn.Module] = []
+
+    def __enter__(self) -> None:
+        self.saved = list(self.blocks)
+        for index in range(len(self.blocks)):
+            self.blocks[index] = _ReplayBlock(self.outputs if index == 0 else None, self.tuple_output)
+
+    def __exit__(self, *exc) -> None:
+        for index, block in enumerate(self.saved):
+            self.blocks[index] = block
+
+
+def link_shards(model: nn.Module, block_files: list[Path], directory: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    """Assemble a sharded checkpoint in `directory`: shard 1 holds every tensor outside the blocks, shard i + 2
+    is block i (hard-linked from the run state, not copied). Writes the index and returns it."""
+    from compress.export import save_safetensors
+
+    prefix, blocks = find_blocks(model)
+    count = len(block_files) + 1
+    names = [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    outside = packed_state_dict(model, exclude=prefix + ".")
+    save_safetensors(outside, directory / names[0], metadata)
+    weight_map = dict.fromkeys(outside, names[0])
+    for name, source in zip(names[1:], block_files, strict=True):
+        try:
+            os.link(source, directory / name)
+        except OSError:  # another file system, or no hard links there
+            shutil.copyfile(source, directory / name)
+        with safe_open(str(directory / name), "pt") as handle:
+            weight_map.update(dict.fromkeys(handle.keys(), name))
+    total = sum((directory / name).stat().st_size for name in names)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return index
