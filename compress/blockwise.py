@@ -28,7 +28,7 @@ class Streamer(Protocol):
 
     def finish(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]: ...
 
-    def resume(self, streams: dict[str, list[torch.Tensor]]) -> None: ...
+    def start(self, streams: dict[str, list[torch.Tensor]]) -> None: ...
 
 
 def run_stage(
@@ -57,7 +57,7 @@ def run_stage(
         if done:
             inputs = BlockInputs(saved.pop("calibration"), inputs.args, inputs.kwargs)
     if streamer is not None:
-        streamer.resume(saved)
+        streamer.start(saved)
     progress = tqdm(total=len(blocks), initial=done, desc=entry.name, unit="block")
     for index in range(done, len(blocks)):
         name = f"{prefix}.{index}"

@@ -26,6 +26,7 @@ from compress.prune.structure import structure_record
 log = logging.getLogger(__name__)
 
 FLOAT16_MAX = torch.finfo(torch.float16).max
+ROUNDING_CHUNK = 1 << 22  # elements rounded at once
 
 
 def check_destination(out: str | Path, force: bool) -> Path:
@@ -71,9 +72,13 @@ def round_to_storage(model: nn.Module) -> None:
     for name, tensor in model.state_dict(keep_vars=True).items():
         if tensor.is_floating_point() and not tensor.is_meta:
             data = tensor.data
-            if data.abs().max() > FLOAT16_MAX if data.numel() else False:
+            if data.numel() and max(float(data.max()), -float(data.min())) > FLOAT16_MAX:  # (no full-size |data|)
                 raise NumericError(f"tensor {name} has values beyond the float16 range and cannot be exported")
-            data.copy_(data.to(torch.float16).to(data.dtype))
+            if not data.is_contiguous():
+                data.copy_(data.to(torch.float16).to(data.dtype))
+                continue
+            for chunk in data.view(-1).split(ROUNDING_CHUNK):  # in place, a chunk at a time: no full-size copy
+                chunk.copy_(chunk.to(torch.float16).to(data.dtype))
 
 
 def layer_settings(model: nn.Module) -> dict[str, dict]:

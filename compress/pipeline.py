@@ -212,7 +212,7 @@ def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool) 
     streams = None
     if evaluation is not None:
         spec = recipe.data.evaluation
-        streams = StreamedEvaluation(model, context.evaluation_windows, spec.batch_size)
+        streams = StreamedEvaluation(model, weights, context.evaluation_windows, spec.batch_size)
     streamer = BlockStreamer(model, weights, streams)
     report.stages = [StageRecord(**record) for record in state.stage_records]
     peak_before_stages = peak_rss_bytes()
@@ -229,8 +229,8 @@ def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool) 
         record = StageRecord(stage.name, time.perf_counter() - stage_start, peak_rss_bytes(), context.metrics)
         report.stages.append(record)
         state.finish_stage(asdict(record))
+    load_outside(model, weights)  # the embeddings and head, as the source stores them
     if evaluation is not None:
-        load_outside(model, weights)  # the original's embeddings and head, as the source stores them
         with streams.replay(model, "original"):
             report.before = evaluation.measure(model, original=True)
     round_to_storage(model)  # the tensors outside the blocks, as the export stores them

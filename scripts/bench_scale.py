@@ -149,7 +149,7 @@ def run(name: str, model_dir: Path, work: Path) -> dict:
     }
     recipe_path = work / f"{name}.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
-    command = [sys.executable, "-m", "compress", "run", str(recipe_path), "--force", "--max-memory", BUDGET, "-v"]
+    command = [sys.executable, "-m", "compress", "-v", "run", str(recipe_path), "--force", "--max-memory", BUDGET]
     estimate = plan_estimate(recipe_path)
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -214,6 +214,9 @@ def check_logits(out: Path, model_dir: Path) -> dict:
         return module.dequantize().float()
 
     config = LlamaConfig(**CONFIG)
+    config._attn_implementation = "eager"  # plain softmax attention with the explicit causal mask below
+    length = ids.shape[1]
+    causal = torch.full((length, length), float("-inf")).triu(1)[None, None]
     hidden = tensor("model.embed_tokens.weight").float()[ids]
     positions = torch.arange(ids.shape[1]).unsqueeze(0)
     rotary = LlamaRotaryEmbedding(config)
@@ -234,7 +237,7 @@ def check_logits(out: Path, model_dir: Path) -> dict:
                 original = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
             quantized = state["self_attn.q_proj.weight"]
             weight_error = float((quantized - original).pow(2).sum() / original.pow(2).sum())
-        hidden = layer(hidden, attention_mask=None, position_embeddings=position_embeddings, position_ids=positions)
+        hidden = layer(hidden, attention_mask=causal, position_embeddings=position_embeddings, position_ids=positions)
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
     norm = LlamaRMSNorm(CONFIG["hidden_size"], eps=CONFIG["rms_norm_eps"])
     norm.weight.copy_(tensor("model.norm.weight").float())

@@ -51,23 +51,47 @@ def gptq_round(
 
     `quantize_column(w, j)` maps column `j`'s current values `[out]` to `(codes [out], decoded [out])`.
     """
+
+    def one_column(values: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, decoded = quantize_column(values[:, 0], index)
+        return codes, decoded.unsqueeze(1)
+
+    return gptq_round_vectors(weight, hessian, one_column, 1, damping, block_size)
+
+
+def gptq_round_vectors(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quantize_vectors: ColumnQuantizer,
+    vector_dim: int,
+    damping: float = 0.01,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """Codes `[out, in / vector_dim]` for `weight` when `vector_dim` consecutive columns are quantized together
+    (vector quantization, as GPTVQ does). `quantize_vectors(w, j)` maps the current values `[out, vector_dim]` of
+    columns `j .. j + vector_dim - 1` to `(codes [out], decoded [out, vector_dim])`. The decoded vector is then
+    fixed, and its columns' errors are fed back one column at a time exactly as for scalars: the error of each
+    column, updated by the errors before it, is spread over every column to its right."""
     factor, dead = damped_inverse_factor(hessian, damping)
     factor = factor.to(weight.dtype)
     work = weight.clone().float()
     work[:, dead] = 0
-    codes = torch.zeros_like(work, dtype=torch.int64)
     columns = work.shape[1]
+    if columns % vector_dim or block_size % vector_dim:
+        raise ValueError(f"vector_dim {vector_dim} must divide the {columns} columns and the block size {block_size}")
+    codes = torch.zeros(work.shape[0], columns // vector_dim, dtype=torch.int64)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
         block = work[:, start:end].clone()
         errors = torch.zeros_like(block)
         inverse_block = factor[start:end, start:end]
-        for i in range(end - start):
-            column = block[:, i]
-            column_codes, decoded = quantize_column(column, start + i)
-            codes[:, start + i] = column_codes
-            error = (column - decoded) / inverse_block[i, i]
-            block[:, i:] -= error.unsqueeze(1) * inverse_block[i, i:].unsqueeze(0)
-            errors[:, i] = error
+        for first in range(0, end - start, vector_dim):
+            vector_codes, decoded = quantize_vectors(block[:, first : first + vector_dim], start + first)
+            codes[:, (start + first) // vector_dim] = vector_codes
+            for k in range(vector_dim):
+                i = first + k
+                error = (block[:, i] - decoded[:, k]) / inverse_block[i, i]
+                block[:, i:] -= error.unsqueeze(1) * inverse_block[i, i:].unsqueeze(0)
+                errors[:, i] = error
         work[:, end:] -= errors @ factor[start:end, end:]
     return codes

@@ -5,8 +5,11 @@ Block by block on calibration activations:
     its RMS, balanced k-means) and reordered so each group is contiguous; the permutation is stored (int16);
 (2) each group's codebook is initialised by k-means of its row-normalised weight vectors, weighted by the
     sensitivity of each input feature (its mean squared activation, the input Hessian's diagonal);
-(3) codebook entries, row scales and mappings are learned jointly on the block's output error, mappings by the
-    proximal update (a vector moves only to an entry near its current one; see `compress.solvers.codebooks`).
+(3) with `gptq` (the default), the mappings are chosen by Hessian-aware assignment with error feedback: vectors
+    are assigned left to right, and each one's output error is compensated in the weights not yet assigned
+    (GPTQ's update for vectors, as GPTVQ does);
+(4) optionally, codebook entries, row scales and mappings are learned jointly on the block's output error, mappings
+    by the proximal update (a vector moves only to an entry near its current one; see `compress.solvers.codebooks`).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from pydantic import Field
 
 from compress.calib import run_collecting
 from compress.errors import CompressError, NumericError
-from compress.formats.codebook import CodebookLinear
+from compress.formats.codebook import CodebookLinear, nearest_entries
 from compress.models import dense_weight, find_linears, replace_module
 from compress.registry import STAGES, register_block_stage
 from compress.solvers.codebook_learning import MappingRule, learn_block
 from compress.solvers.codebooks import balanced_groups, row_features, weighted_kmeans
+from compress.solvers.gptq import HessianAccumulator, gptq_round_vectors
 from compress.stages.base import LayerSelection, check_finite, relative_error
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,10 @@ class JlcmConfig(LayerSelection):
         "groups of consecutive rows; none: one codebook per layer",
     )
     row_scales: bool = Field(True, description="a float16 scale per output row (its RMS), learned")
+    gptq: bool = Field(
+        True, description="mappings by Hessian-aware assignment with error feedback; false: each vector's nearest entry"
+    )
+    damping: float = Field(0.01, ge=0.0, description="gptq: damping, a fraction of the mean Hessian diagonal")
     kmeans_iterations: int = Field(10, ge=0, le=10_000)
     grouping_iterations: int = Field(10, ge=1, le=1000)
     steps: int = Field(
@@ -91,7 +99,9 @@ def compress_block(block, index: int, name: str, inputs, config: JlcmConfig, con
     if not linears:
         return None
     generator = torch.Generator().manual_seed(context.recipe.seed + index)
-    outputs, energy = run_collecting(block, inputs, linears, lambda linear: InputEnergy())
+    outputs, hessians = run_collecting(
+        block, inputs, linears, lambda linear: HessianAccumulator(dense_weight(linear).shape[1])
+    )
     for output in outputs:
         check_finite(output, f"jlcm: block {name} output")
     weights, sensitivity, layers = {}, {}, {}
@@ -100,8 +110,11 @@ def compress_block(block, index: int, name: str, inputs, config: JlcmConfig, con
         check_finite(weight, f"jlcm: layer {name}.{relative} weight")
         _check_shape(f"{name}.{relative}", weight, config)
         weights[relative] = weight
-        sensitivity[relative] = energy[relative].normalised()
+        hessian = hessians[relative].hessian
+        sensitivity[relative] = input_sensitivity(hessian)
         layers[relative] = initial_layer(weight, linear.bias, sensitivity[relative], config, generator)
+        if config.gptq:
+            layers[relative].set_codes(gptq_codes(layers[relative], weight, hessian, config.damping))
         replace_module(block, relative, layers[relative])
     try:
         losses, moves = (
@@ -136,24 +149,31 @@ def compress_block(block, index: int, name: str, inputs, config: JlcmConfig, con
 apply = STAGES["jlcm"].apply  # the whole model, block by block
 
 
-class InputEnergy:
-    """Running mean of each input feature's squared activation (the diagonal of the input Hessian, up to 2)."""
+def input_sensitivity(hessian: torch.Tensor) -> torch.Tensor:
+    """Each input feature's mean squared activation (the input Hessian's diagonal, up to 2), scaled to mean 1; a
+    feature never active gets a small floor, not zero."""
+    energy = torch.diag(hessian).float()
+    return (energy / energy.mean().clamp_min(1e-30)).clamp_min(1e-6)
 
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
-        self.count = 0
 
-    def add_batch(self, inputs: torch.Tensor) -> None:
-        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-        squares = x.pow(2).sum(dim=0)
-        self.total = squares if self.total is None else self.total + squares
-        self.count += x.shape[0]
+def gptq_codes(layer: CodebookLinear, weight: torch.Tensor, hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """Codes `[out, in / d]` (stored row order) for `weight` (original order) in the layer's codebooks, scales and
+    permutation, chosen left to right with error feedback (`gptq_round_vectors`)."""
+    weight = weight.float()
+    if layer.permutation is not None:
+        weight = weight[layer.permutation.to(torch.int64)]
+    if layer.scales is not None:
+        scales = layer.scales.detach().unsqueeze(1)
+        weight = torch.where(scales != 0, weight / torch.where(scales != 0, scales, 1.0), 0.0)
+    codebooks = layer.codebooks.detach().float()
+    groups = layer.row_groups()
 
-    def normalised(self) -> torch.Tensor:
-        """Mean 1 across features (a feature never active gets a small floor, not zero)."""
-        energy = self.total / max(self.count, 1)
-        energy = energy / energy.mean().clamp_min(1e-30)
-        return energy.clamp_min(1e-6)
+    def quantize(values: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = nearest_entries(values, codebooks, groups)
+        return codes, codebooks[groups, codes]
+
+    d = layer.vector_dim
+    return gptq_round_vectors(weight, hessian.float(), quantize, d, damping=damping, block_size=d * max(1, 128 // d))
 
 
 def initial_layer(

@@ -56,6 +56,45 @@ def test_sensitive_inputs_get_smaller_errors():
     assert error[:, :16].sum() < 0.8 * plain_error[:, :16].sum()
 
 
+def correlated_inputs(features=512, samples=4096, seed=0):
+    """Inputs whose features are strongly correlated (a few shared factors), as activations are."""
+    generator = torch.Generator().manual_seed(seed)
+    factors = torch.randn(samples, 16, generator=generator)
+    mixing = torch.randn(16, features, generator=generator)
+    return factors @ mixing + 0.1 * torch.randn(samples, features, generator=generator)
+
+
+def output_error(weight, layer, inputs):
+    return float((inputs @ (layer.dequantize() - weight).T).pow(2).sum() / (inputs @ weight.T).pow(2).sum())
+
+
+def test_error_feedback_assignment_lowers_the_output_error():
+    from compress.solvers.gptq import HessianAccumulator
+
+    weight = mixed_rows(2)
+    inputs = correlated_inputs()
+    statistics = HessianAccumulator(512)
+    statistics.add_batch(inputs[:2048])
+    held_out = inputs[2048:]
+    config = jlcm.JlcmConfig(**SMALL)
+    layer = jlcm.initial_layer(weight, None, jlcm.input_sensitivity(statistics.hessian), config,
+                               torch.Generator().manual_seed(0))  # fmt: skip
+    nearest = output_error(weight, layer, held_out)
+    layer.set_codes(jlcm.gptq_codes(layer, weight, statistics.hessian, damping=0.01))
+    assert output_error(weight, layer, held_out) < 0.5 * nearest
+
+
+def test_error_feedback_is_nearest_assignment_when_inputs_are_uncorrelated():
+    """With a diagonal Hessian no error can be compensated elsewhere: the codes are the nearest entries."""
+    weight = mixed_rows(3)
+    config = jlcm.JlcmConfig(**SMALL)
+    layer = jlcm.initial_layer(weight, None, torch.ones(512), config, torch.Generator().manual_seed(0))
+    hessian = torch.diag(torch.rand(512, generator=torch.Generator().manual_seed(1)) + 0.5)
+    codes = jlcm.gptq_codes(layer, weight, hessian, damping=0.0)
+    layer.encode(weight)  # the nearest entry of every vector
+    assert torch.equal(codes, layer.unpacked_codes())
+
+
 def test_group_count_divides_the_rows():
     assert jlcm.group_count(576, 192) == 3
     assert jlcm.group_count(64, 192) == 1
