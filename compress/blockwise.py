@@ -52,7 +52,7 @@ def run_stage(
     batch = entry.calibration_batch(config)
     inputs = None
     saved = state.streams(stage_index) if state is not None and done else {}
-    if batch:
+    if batch and done < len(blocks):
         inputs = capture_first_block_inputs(model, context.calibration_windows, batch)
         if done:
             inputs = BlockInputs(saved.pop("calibration"), inputs.args, inputs.kwargs)

@@ -8,6 +8,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -180,12 +181,7 @@ def run(
         save_checkpoint(
             model, loaded.tokenizer, directory, export_format=recipe.export.format, recipe_yaml=recipe.to_yaml()
         )
-        report.size["checkpoint_bytes"] = directory_size(directory)
-        peak = max([peak_before_stages, peak_rss_bytes(), *(s.peak_rss_bytes for s in report.stages)])
-        report.total = {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak}
-        (directory / "report.md").write_text(report.to_markdown())
-        report.files = file_digests(directory)
-        (directory / "report.json").write_text(report.to_json())
+        write_reports(directory, report, started, peak_before_stages)
     state.discard()
     return RunResult(model, report)
 
@@ -247,14 +243,19 @@ def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool) 
         files = [state.block_file(len(recipe.stages) - 1, index) for index in range(len(blocks))]
         link_shards(model, files, directory, metadata)
         write_side_files(model, config, tokenizer, directory, recipe.to_yaml())
-        report.size["checkpoint_bytes"] = directory_size(directory)
-        peak = max([peak_before_stages, peak_rss_bytes(), *(s.peak_rss_bytes for s in report.stages)])
-        report.total = {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak}
-        (directory / "report.md").write_text(report.to_markdown())
-        report.files = file_digests(directory)
-        (directory / "report.json").write_text(report.to_json())
+        write_reports(directory, report, started, peak_before_stages)
     state.discard()
     return RunResult(model, report)
+
+
+def write_reports(directory: Path, report: Report, started: float, peak_before_stages: int) -> None:
+    """Size, time and peak memory into `report`, then report.md and report.json (with every file's digest)."""
+    report.size["checkpoint_bytes"] = directory_size(directory)
+    peak = max([peak_before_stages, peak_rss_bytes(), *(s.peak_rss_bytes for s in report.stages)])
+    report.total = {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak}
+    (directory / "report.md").write_text(report.to_markdown())
+    report.files = file_digests(directory)
+    (directory / "report.json").write_text(report.to_json())
 
 
 def streaming_problems(recipe: Recipe) -> list[str]:

@@ -54,15 +54,15 @@ def fingerprint(*parts: str) -> str:
 class RunState:
     """The checkpoints of one run (see the module docstring). Only the writing process (`writer`) saves."""
 
-    def __init__(self, directory: Path, print_: str, *, resume: bool, writer: bool = True) -> None:
+    def __init__(self, directory: Path, identity: str, *, resume: bool, writer: bool = True) -> None:
         self.directory = directory
-        self.fingerprint = print_
+        self.fingerprint = identity
         self.writer = writer
-        self.state: dict[str, Any] = {"version": STATE_VERSION, "fingerprint": print_, "stages": [], "blocks_done": 0}
+        self.state: dict[str, Any] = {"version": STATE_VERSION, "fingerprint": identity, "stages": [], "blocks_done": 0}
         found = self._read()
         if resume and found is None:
             log.warning("--resume: no state of an earlier run in %s; starting from the beginning", directory)
-        elif resume and (found.get("fingerprint") != print_ or found.get("version") != STATE_VERSION):
+        elif resume and (found.get("fingerprint") != identity or found.get("version") != STATE_VERSION):
             raise CompressError(
                 f"--resume: the state in {str(directory)!r} was left by a run of another recipe, model or compress "
                 "version; run without --resume to start over"

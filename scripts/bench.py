@@ -118,7 +118,17 @@ def main() -> None:
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
     parser.add_argument("--reuse", action="store_true", help="keep earlier compressions made with the same settings")
     parser.add_argument("--peer-timeout", type=int, default=1800, help="seconds a peer may take to compress")
+    parser.add_argument("--table-only", action="store_true", help="rewrite the table, plot and README section from "
+                        "bench/results.json; nothing is compressed or measured")  # fmt: skip
     args = parser.parse_args()
+    if args.table_only:
+        results = json.loads((BENCH / "results.json").read_text())
+        table = markdown_table(results)
+        (BENCH / "results.md").write_text(table)
+        plot([Row(**r) for r in results["rows"]], BENCH / "pareto.png")
+        update_readme(table, results["commands"])
+        print(table)
+        return
     if args.quick:
         args.windows, args.bits = 8, "3"
     bits_list = [int(b) for b in args.bits.split(",")]

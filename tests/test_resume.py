@@ -79,6 +79,31 @@ def test_a_stopped_run_resumes_to_the_same_files(stages, stage, block, model_dir
     assert [s.name for s in result.report.stages] == [s["stage"] for s in stages]
 
 
+def test_a_run_stopped_after_its_last_block_resumes(model_dirs, tmp_path, monkeypatch, one_thread):
+    """Killed after the last block was saved but before the stage was marked finished: nothing is redone."""
+    from compress.run_state import RunState
+
+    reference = tmp_path / "reference"
+    pipeline.run(tiny_recipe(model_dirs["llama"], reference, [NUPES_DATA_DRIVEN]), evaluate=False)
+    out = tmp_path / "out"
+    recipe = tiny_recipe(model_dirs["llama"], out, [NUPES_DATA_DRIVEN])
+    with monkeypatch.context() as patch:
+
+        def finish_stage(self, record):
+            raise Crash
+
+        patch.setattr(RunState, "finish_stage", finish_stage)
+        with pytest.raises(Crash):
+            pipeline.run(recipe, evaluate=False)
+    calls = []
+    entry = STAGES["nupes"]
+    with monkeypatch.context() as patch:
+        patch.setitem(STAGES, "nupes", dataclasses.replace(entry, block=lambda *args: calls.append(args)))
+        pipeline.run(recipe, evaluate=False, resume=True)
+    assert calls == []
+    same_files(out, reference)
+
+
 def test_resume_refuses_the_state_of_another_recipe(model_dirs, tmp_path, monkeypatch, one_thread):
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
