@@ -78,10 +78,11 @@ def estimate(recipe: Recipe, model: nn.Module) -> tuple[dict[str, int], dict[str
     if calibrates:
         linears = find_linears(blocks[0], list(LINEAR_TYPES), []).values()
         statistics = sum(4 * dense_weight(linear).shape[1] ** 2 for linear in linears)
-    logits = 3 * evaluation.batch_size * evaluation.seq_len * vocab * 4
+    logits = 4 * evaluation.batch_size * evaluation.seq_len * vocab * 4  # logits, log-probs and their temporaries
     in_memory = {
         "process": PROCESS_BYTES,
         "model (float32)": total * (TRAINING_COPIES if training else 1),
+        "loading it (a second copy while transformers converts)": total,
         "block being compressed": block * (BLOCK_COPIES - 1),
         "calibration activations": activations,
         "layer input statistics": statistics,

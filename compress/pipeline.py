@@ -269,6 +269,12 @@ def streaming_problems(recipe: Recipe) -> list[str]:
             problems.append(recipe.problem(("stages", index, "stage"), message))
     if recipe.export.format != "packed":
         problems.append(recipe.problem(("export", "format"), "streaming writes the packed format"))
+    try:
+        gguf = resolve_model(recipe.model.name).gguf_file
+    except CompressError:
+        gguf = None  # the run itself names what is wrong with the model
+    if gguf is not None:
+        problems.append(recipe.problem(("model",), "a GGUF file cannot stream (streaming reads safetensors shards)"))
     return problems
 
 
