@@ -70,11 +70,11 @@ METHODS = [
         settings=(("stages.0.mode", "ste"),),
     ),  # fmt: skip
     Method("jlcm", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2, 3)),
-    # Ablations of jlcm (issue: each must cost quality): each vector's nearest entry instead of the error-feedback
-    # assignment (k-means init only); one codebook per layer; joint learning (16 steps per block) on top of the
-    # recipe; learning with plain nearest re-assignment, not the proximal rule.
-    Method("jlcm-no-feedback", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
-           settings=(("stages.0.gptq", False),)),  # fmt: skip
+    # Variants and ablations of jlcm (issue: each ablation must cost quality): codes by error-feedback assignment
+    # instead of each vector's nearest entry; one codebook per layer; joint learning (16 steps per block) on top of
+    # the recipe; learning with plain nearest re-assignment, not the proximal rule.
+    Method("jlcm-feedback", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2, 3),
+           settings=(("stages.0.gptq", True),)),  # fmt: skip
     Method("jlcm-no-grouping", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
            settings=(("stages.0.grouping", "none"),)),  # fmt: skip
     Method("jlcm-learned", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
