@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from compress.errors import CompressError
-from compress.models import LINEAR_TYPES, dense_weight, find_blocks, find_linears, load_config, resolve_model, skeleton
+from compress.models import (
+    LINEAR_TYPES,
+    dense_weight,
+    find_blocks,
+    find_linears,
+    load_config,
+    resolve_model,
+    skeleton,
+    unique_tensors,
+)
 from compress.recipe import Recipe
 from compress.registry import STAGES
 
@@ -54,12 +63,8 @@ def estimate(recipe: Recipe, model: nn.Module) -> tuple[dict[str, int], dict[str
     """(in memory, streamed) peak estimates in bytes, by part, for `recipe` on the skeleton `model`; streamed, the
     parts of the larger of its two phases (the start and end, or the blocks' turn)."""
     prefix, blocks = find_blocks(model)
-    sizes = {}
-    seen: set[int] = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            sizes[name] = tensor.numel() * 4
+    state = model.state_dict(keep_vars=True)
+    sizes = {name: state[name].numel() * 4 for name in unique_tensors(model)}
     total = sum(sizes.values())
     outside = sum(size for name, size in sizes.items() if not name.startswith(prefix + "."))
     block = max(sum(s for n, s in sizes.items() if n.startswith(f"{prefix}.{i}.")) for i in range(len(blocks)))

@@ -197,6 +197,17 @@ def count_parameters(model: nn.Module) -> int:
     return total
 
 
+def unique_tensors(model: nn.Module) -> list[str]:
+    """Persistent tensor names, a tied tensor only under its first name."""
+    seen: set[int] = set()
+    names = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            names.append(name)
+    return names
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The repeated transformer blocks: the `nn.ModuleList` of same-typed modules holding the most parameters."""
     best: tuple[str, nn.ModuleList] | None = None

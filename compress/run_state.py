@@ -56,7 +56,6 @@ class RunState:
 
     def __init__(self, directory: Path, identity: str, *, resume: bool, writer: bool = True) -> None:
         self.directory = directory
-        self.fingerprint = identity
         self.writer = writer
         self.state: dict[str, Any] = {"version": STATE_VERSION, "fingerprint": identity, "stages": [], "blocks_done": 0}
         found = self._read()

@@ -29,7 +29,14 @@ from compress.errors import CompressError
 from compress.export import packed_state_dict, round_to_storage
 from compress.hf import QUANT_METHOD
 from compress.integrity import INDEX_FILE, WEIGHTS_FILE
-from compress.models import ModelSource, check_weights_finite, find_blocks, load_config, load_tokenizer
+from compress.models import (
+    ModelSource,
+    check_weights_finite,
+    find_blocks,
+    load_config,
+    load_tokenizer,
+    unique_tensors,
+)
 
 log = logging.getLogger(__name__)
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -62,7 +69,7 @@ class ShardedWeights:
         self.files: dict[str, str] = {}  # the model's tensor name -> (stored name, file)
         self.stored: dict[str, str] = {}
         missing = []
-        for name in _unique_tensors(model):
+        for name in unique_tensors(model):
             candidates = [name, name.removeprefix(f"{base}."), f"{base}.{name}"] if base else [name]
             found = next((c for c in candidates if c in stored), None)
             if found is None:
@@ -101,17 +108,6 @@ class ShardedWeights:
             header = json.loads(handle.read(length))
         self._headers[path] = (header, 8 + length)
         return self._headers[path]
-
-
-def _unique_tensors(model: nn.Module) -> list[str]:
-    """Persistent tensor names, a tied tensor only under its first name."""
-    seen: set[int] = set()
-    names = []
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            names.append(name)
-    return names
 
 
 def open_streamed(source: ModelSource, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any, str, Any]:
@@ -182,7 +178,7 @@ class BlockStreamer:
 
     def load(self, index: int) -> None:
         block = self.blocks[index]
-        names = [f"{self.prefix}.{index}.{key}" for key in _unique_tensors(block)]
+        names = [f"{self.prefix}.{index}.{key}" for key in unique_tensors(block)]
         _load(self.model, self.weights, names)
         check_weights_finite(block, f"block {self.prefix}.{index}")
         if self.evaluation is not None:
