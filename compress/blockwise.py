@@ -77,6 +77,7 @@ def run_stage(
             tensors = {key: value.detach() for key, value in blocks[index].state_dict().items()}
         if state is not None:
             layers = {k: v for k, v in context.layers.items() if k.startswith(name + ".")}
-            state.save_block(stage_index, index, tensors, layers, streams, getattr(streamer, "metadata", None))
+            metadata = streamer.shard_metadata(index) if streamer is not None else None
+            state.save_block(stage_index, index, tensors, layers, streams, metadata)
         progress.update()
     progress.close()

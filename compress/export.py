@@ -19,7 +19,7 @@ from torch import nn
 
 from compress.errors import CompressError, NumericError
 from compress.formats.base import QuantizedLinear
-from compress.hf import FORMAT_VERSION, QUANT_METHOD, CompressConfig
+from compress.hf import QUANT_METHOD, CompressConfig, needed_version
 from compress.integrity import WEIGHTS_FILE
 from compress.prune.structure import structure_record
 
@@ -165,8 +165,8 @@ def checkpoint_config(model: nn.Module, packed: bool) -> tuple[dict, dict[str, s
     config = model.config
     config.architectures = [type(model).__name__]
     structure = structure_record(model)  # a pruned model whose blocks differ in size
-    version = FORMAT_VERSION if structure is not None else 1
     layers = layer_settings(model) if packed else {}
+    version = needed_version(layers, structure)
     saved = config.to_dict()
     saved.pop("quantization_config", None)
     metadata = {"format": "pt"}

@@ -16,8 +16,16 @@ from compress.prune.structure import apply_structure
 from compress.registry import FORMATS
 
 QUANT_METHOD = "compress"
-FORMAT_VERSION = 2  # version 2 adds `structure` (per-block sizes of a pruned model); 1 is written without it
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2 added `structure` (per-block sizes of a pruned model), 3 kept columns of `codebook` layers
+READABLE_VERSIONS = (1, 2, 3)
+
+
+def needed_version(layers: dict[str, dict[str, Any]], structure: Any) -> int:
+    """The lowest format version that holds a checkpoint with these layer settings and structure: a checkpoint is
+    written with it, so readers of earlier versions still read what they can."""
+    if any(settings.get("kept_columns") for settings in layers.values()):
+        return 3
+    return 2 if structure is not None else 1
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -70,6 +78,11 @@ def install_compressed(
         if format_version < 2:
             raise CompressError(f"{where}: quantization_config.structure needs format version 2, not {format_version}")
         apply_structure(model, structure, where)
+    if format_version < 3 and isinstance(layers, dict):
+        kept = [name for name, settings in layers.items() if isinstance(settings, dict) and settings.get("kept_columns")]
+        if kept:
+            raise CompressError(f"{where}: layer {kept[0]!r} has kept_columns, which needs format version 3, "
+                                f"not {format_version}")  # fmt: skip
     install_empty_modules(model, layers)
 
 

@@ -26,8 +26,8 @@ from torch import nn
 
 from compress.calib import capture_first_block_inputs
 from compress.errors import CompressError
-from compress.export import packed_state_dict, round_to_storage
-from compress.hf import QUANT_METHOD
+from compress.export import layer_settings, packed_state_dict, round_to_storage
+from compress.hf import QUANT_METHOD, needed_version
 from compress.integrity import INDEX_FILE, WEIGHTS_FILE
 from compress.models import (
     ModelSource,
@@ -174,7 +174,6 @@ class BlockStreamer:
         self.weights = weights
         self.evaluation = evaluation
         self.prefix, self.blocks = find_blocks(model)
-        self.metadata = {"format": "pt", "quant_method": QUANT_METHOD, "format_version": "1"}  # of every shard
 
     def load(self, index: int) -> None:
         block = self.blocks[index]
@@ -183,6 +182,11 @@ class BlockStreamer:
         check_weights_finite(block, f"block {self.prefix}.{index}")
         if self.evaluation is not None:
             self.evaluation.advance("original", block)
+
+    def shard_metadata(self, index: int) -> dict[str, str]:
+        """The header metadata of block `index`'s shard: the format version its own layers need."""
+        version = needed_version(layer_settings(self.blocks[index]), None)
+        return {"format": "pt", "quant_method": QUANT_METHOD, "format_version": str(version)}
 
     def finish(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
         """The compressed block's tensors as stored (float16), and the evaluation streams; the block's tensors are

@@ -70,6 +70,7 @@ METHODS = [
         settings=(("stages.0.mode", "ste"),),
     ),  # fmt: skip
     Method("jlcm", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2, 3)),
+    Method("jlcm+pv", "ours", recipe="recipes/pv-tune.yaml", base="jlcm", only_bits=(2,)),
     # Variants and ablations of jlcm (issue: each ablation must cost quality): codes by error-feedback assignment
     # instead of each vector's nearest entry; one codebook per layer; joint learning (16 steps per block) on top of
     # the recipe; learning with plain nearest re-assignment, not the proximal rule.

@@ -46,7 +46,8 @@ class LatentCodebookLinear(nn.Module):
         self.register_buffer("groups", layer.row_groups())
         self.register_buffer("inverse", layer.inverse_permutation() if order is not None else torch.empty(0))
         d = layer.vector_dim
-        self.register_buffer("weights", sensitivity.float().reshape(1, -1, d).expand(layer.out_features, -1, -1))
+        weights = sensitivity.float() * layer.coded_mask()  # kept columns are not coded: no weight in assignments
+        self.register_buffer("weights", weights.reshape(1, -1, d).expand(layer.out_features, -1, -1))
 
     def learnable(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
         """(codebooks, log-scales, latents): the three learning-rate groups."""
@@ -57,7 +58,10 @@ class LatentCodebookLinear(nn.Module):
         layer = self.layer
         decoded = self.codebooks[self.groups.unsqueeze(1), self.mapping].reshape(layer.out_features, layer.in_features)
         weight = decoded + (self.latent - self.latent.detach())
-        return weight * (self.base_scales * torch.exp(self.log_scales)).unsqueeze(1)
+        weight = weight * (self.base_scales * torch.exp(self.log_scales)).unsqueeze(1)
+        if layer.column_indices is not None:  # kept columns stay as stored
+            weight = weight.index_copy(1, layer.column_indices.to(torch.int64), layer.column_weights.detach())
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.stored_weight()

@@ -1,6 +1,9 @@
 """`jlcm`: jointly learnable codebooks and mappings, format `codebook`.
 
 Block by block on calibration activations:
+(0) input features with massive activations (mean squared activation at least `outlier_threshold` times the
+    layer's mean; a few per layer in LLMs) are kept: their columns are stored in float16 and left out of everything
+    below, since one shared codebook cannot hold their outlying weights and their error dominates the output's;
 (1) rows (output neurons) are grouped by the shape of their weight distribution (quantiles of the row divided by
     its RMS, balanced k-means) and reordered so each group is contiguous; the permutation is stored (int16);
 (2) each group's codebook is initialised by k-means of its row-normalised weight vectors, weighted by the
@@ -53,6 +56,13 @@ class JlcmConfig(LayerSelection):
         "Measured on smollm2-135m at 2 bits, feedback fitted the calibration text and lost on both texts",
     )
     damping: float = Field(0.01, ge=0.0, description="gptq: damping, a fraction of the mean Hessian diagonal")
+    outlier_threshold: float = Field(
+        20.0,
+        ge=0.0,
+        description="input features whose mean squared calibration activation is at least this many times the "
+        "layer's mean keep their weights in float16 (kept columns); 0: none",
+    )
+    max_kept_columns: int = Field(16, ge=0, le=4096, description="kept columns per layer at most (most active first)")
     kmeans_iterations: int = Field(10, ge=0, le=10_000)
     grouping_iterations: int = Field(10, ge=1, le=1000)
     steps: int = Field(
@@ -115,9 +125,13 @@ def compress_block(block, index: int, name: str, inputs, config: JlcmConfig, con
         weights[relative] = weight
         hessian = hessians[relative].hessian
         sensitivity[relative] = input_sensitivity(hessian)
-        layers[relative] = initial_layer(weight, linear.bias, sensitivity[relative], config, generator)
+        kept = kept_columns(sensitivity[relative], config.outlier_threshold, config.max_kept_columns)
+        layers[relative] = initial_layer(weight, linear.bias, sensitivity[relative], config, generator, kept)
         if config.gptq:
-            layers[relative].set_codes(gptq_codes(layers[relative], weight, hessian, config.damping))
+            codes, kept_values = gptq_codes(layers[relative], weight, hessian, config.damping)
+            layers[relative].set_codes(codes)
+            if kept_values is not None:
+                layers[relative].column_weights.data.copy_(kept_values)
         replace_module(block, relative, layers[relative])
     try:
         losses, moves = (
@@ -159,9 +173,24 @@ def input_sensitivity(hessian: torch.Tensor) -> torch.Tensor:
     return (energy / energy.mean().clamp_min(1e-30)).clamp_min(1e-6)
 
 
-def gptq_codes(layer: CodebookLinear, weight: torch.Tensor, hessian: torch.Tensor, damping: float) -> torch.Tensor:
+def kept_columns(sensitivity: torch.Tensor, threshold: float, most: int) -> torch.Tensor:
+    """The input features kept in float16: sensitivity (relative energy) at least `threshold`, at most `most` of the
+    largest, ascending; int64 `[k]`, empty when `threshold` is 0."""
+    if threshold <= 0 or most == 0:
+        return torch.empty(0, dtype=torch.int64)
+    above = (sensitivity >= threshold).nonzero(as_tuple=True)[0]
+    if len(above) > most:
+        above = above[sensitivity[above].topk(most).indices]
+    return torch.sort(above).values
+
+
+def gptq_codes(
+    layer: CodebookLinear, weight: torch.Tensor, hessian: torch.Tensor, damping: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Codes `[out, in / d]` (stored row order) for `weight` (original order) in the layer's codebooks, scales and
-    permutation, chosen left to right with error feedback (`gptq_round_vectors`)."""
+    permutation, chosen left to right with error feedback (`gptq_round_vectors`). Kept columns are not quantized:
+    they take the value the feedback has brought them to (as SpQR keeps its outliers), returned as the layer's new
+    `column_weights` (None without kept columns)."""
     weight = weight.float()
     if layer.permutation is not None:
         weight = weight[layer.permutation.to(torch.int64)]
@@ -170,13 +199,24 @@ def gptq_codes(layer: CodebookLinear, weight: torch.Tensor, hessian: torch.Tenso
         weight = torch.where(scales != 0, weight / torch.where(scales != 0, scales, 1.0), 0.0)
     codebooks = layer.codebooks.detach().float()
     groups = layer.row_groups()
+    d = layer.vector_dim
+    coded = layer.coded_mask().view(-1, d)  # [in / d, d]
+    kept = torch.zeros_like(weight)
 
     def quantize(values: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = nearest_entries(values, codebooks, groups)
-        return codes, codebooks[groups, codes]
+        mask = coded[index // d]
+        if bool(mask.all()):
+            codes = nearest_entries(values, codebooks, groups)
+            return codes, codebooks[groups, codes]
+        codes = nearest_entries(values, codebooks, groups, mask.expand_as(values))
+        kept[:, index : index + d] = values
+        return codes, torch.where(mask.bool(), codebooks[groups, codes], values)
 
-    d = layer.vector_dim
-    return gptq_round_vectors(weight, hessian.float(), quantize, d, damping=damping, block_size=d * max(1, 128 // d))
+    codes = gptq_round_vectors(weight, hessian.float(), quantize, d, damping=damping, block_size=d * max(1, 128 // d))
+    if layer.column_indices is None:
+        return codes, None
+    values = kept[:, layer.column_indices.to(torch.int64)]
+    return codes, values * (layer.scales.detach().unsqueeze(1) if layer.scales is not None else 1.0)
 
 
 def initial_layer(
@@ -185,12 +225,18 @@ def initial_layer(
     sensitivity: torch.Tensor,
     config: JlcmConfig,
     generator: torch.Generator,
+    kept: torch.Tensor | None = None,
 ) -> CodebookLinear:
-    """Steps (1) and (2): row scales, grouping and permutation, sensitivity-weighted k-means per group."""
+    """Steps (1) and (2): row scales, grouping and permutation, sensitivity-weighted k-means per group; the `kept`
+    input features (step 0) are left out of all three and stored as they are."""
     out_features, in_features = weight.shape
     d = config.vector_dim
+    kept = torch.empty(0, dtype=torch.int64) if kept is None else kept
+    coded = torch.ones(in_features)
+    coded[kept] = 0.0
     if config.row_scales:
-        scales = weight.pow(2).mean(dim=1).sqrt().half().float()
+        energy = (weight.pow(2) * coded).sum(dim=1) / coded.sum().clamp_min(1.0)
+        scales = energy.sqrt().half().float()
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     else:
         scales = torch.ones(out_features)
@@ -198,12 +244,13 @@ def initial_layer(
     num_groups = 1 if config.grouping == "none" else group_count(out_features, config.rows_per_group)
     permutation = None
     if config.grouping == "cluster" and num_groups > 1:
-        groups = balanced_groups(row_features(normalised), num_groups, config.grouping_iterations, generator)
+        features = row_features(normalised[:, coded.bool()] if len(kept) < in_features else normalised)
+        groups = balanced_groups(features, num_groups, config.grouping_iterations, generator)
         permutation = torch.sort(groups, stable=True).indices
         normalised, scales = normalised[permutation], scales[permutation]
     rows_per_group = out_features // num_groups
     vectors = normalised.reshape(out_features, in_features // d, d)
-    point_weights = sensitivity.reshape(1, -1, d).expand(rows_per_group, -1, -1).reshape(-1, d)
+    point_weights = (sensitivity * coded).reshape(1, -1, d).expand(rows_per_group, -1, -1).reshape(-1, d)
     codebooks, codes = [], []
     for group in range(num_groups):
         points = vectors[group * rows_per_group : (group + 1) * rows_per_group].reshape(-1, d)
@@ -218,6 +265,7 @@ def initial_layer(
         scales if config.row_scales else None,
         permutation,
         bias,
+        (kept, weight[permutation][:, kept] if permutation is not None else weight[:, kept]) if len(kept) else None,
     )
 
 

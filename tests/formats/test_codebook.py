@@ -125,3 +125,46 @@ def test_weighted_distances_equal_the_direct_sum():
     for n in range(50):
         brute = (points[n] - codebooks[groups[n]]).pow(2).sum(dim=1).argmin()
         assert int(codes[n]) == int(brute)
+
+
+def kept_layer(seed=0):
+    layer, codes, codebooks, scales, permutation = random_layer(seed=seed)
+    indices = torch.tensor([3, 10, 11])
+    values = torch.randn(24, 3, generator=torch.Generator().manual_seed(seed + 7)).half().float()
+    kept = CodebookLinear.from_parts(codes, codebooks, scales, permutation, layer.bias, (indices, values))
+    return kept, layer, indices, values
+
+
+def test_kept_columns_replace_the_decoded_values():
+    kept, layer, indices, values = kept_layer()
+    expected = layer.dequantize().clone()
+    order = layer.permutation.long()
+    expected[order.unsqueeze(1), indices] = values  # stored row i is original row permutation[i]
+    torch.testing.assert_close(kept.dequantize(), expected)
+    extra = kept.bits_per_weight() - layer.bits_per_weight()
+    assert extra == pytest.approx((24 * 3 * 16 + 3 * 16) / (24 * 32))
+    assert kept.settings()["kept_columns"] == 3 and "kept_columns" not in layer.settings()
+    rebuilt = CodebookLinear.empty(32, 24, True, kept.settings())
+    rebuilt.load_state_dict(kept.state_dict())
+    assert torch.equal(rebuilt.dequantize(), kept.dequantize())
+    assert kept.state_dict()["column_indices"].dtype == torch.int16
+
+
+def test_encode_leaves_kept_columns_out_of_the_distance():
+    kept, _, indices, values = kept_layer()
+    target = kept.dequantize() + 0.3 * torch.randn(24, 32, generator=torch.Generator().manual_seed(3))
+    spoiled = target.clone()
+    spoiled[:, indices] = 1e3  # whatever the kept columns hold, the codes follow the coded elements only
+    kept.encode(target)
+    codes = kept.unpacked_codes().clone()
+    kept.encode(spoiled)
+    assert torch.equal(kept.unpacked_codes(), codes)
+    assert torch.equal(kept.column_weights, values)  # encode keeps the continuous parameters
+
+
+def test_gradients_reach_kept_columns():
+    kept, *_ = kept_layer()
+    for parameter in kept.continuous_parameters():
+        parameter.requires_grad_(True)
+    kept(torch.randn(4, 32)).pow(2).sum().backward()
+    assert kept.column_weights.grad.abs().sum() > 0 and kept.codebooks.grad.abs().sum() > 0

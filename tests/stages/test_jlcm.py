@@ -3,6 +3,7 @@ import torch
 
 import compress
 from compress import pipeline
+from compress.errors import CompressError
 from compress.formats.codebook import CodebookLinear
 from compress.stages import jlcm
 from tests.conftest import build_model, tiny_recipe
@@ -80,8 +81,9 @@ def test_error_feedback_assignment_lowers_the_output_error():
     layer = jlcm.initial_layer(weight, None, jlcm.input_sensitivity(statistics.hessian), config,
                                torch.Generator().manual_seed(0))  # fmt: skip
     nearest = output_error(weight, layer, held_out)
-    layer.set_codes(jlcm.gptq_codes(layer, weight, statistics.hessian, damping=0.01))
-    assert output_error(weight, layer, held_out) < 0.5 * nearest
+    codes, kept = jlcm.gptq_codes(layer, weight, statistics.hessian, damping=0.01)
+    layer.set_codes(codes)
+    assert kept is None and output_error(weight, layer, held_out) < 0.5 * nearest
 
 
 def test_error_feedback_is_nearest_assignment_when_inputs_are_uncorrelated():
@@ -90,9 +92,57 @@ def test_error_feedback_is_nearest_assignment_when_inputs_are_uncorrelated():
     config = jlcm.JlcmConfig(**SMALL)
     layer = jlcm.initial_layer(weight, None, torch.ones(512), config, torch.Generator().manual_seed(0))
     hessian = torch.diag(torch.rand(512, generator=torch.Generator().manual_seed(1)) + 0.5)
-    codes = jlcm.gptq_codes(layer, weight, hessian, damping=0.0)
+    codes, _ = jlcm.gptq_codes(layer, weight, hessian, damping=0.0)
     layer.encode(weight)  # the nearest entry of every vector
     assert torch.equal(codes, layer.unpacked_codes())
+
+
+def massive_feature_inputs(samples=4096, seed=0):
+    """Correlated inputs where feature 37 carries activations 40 times the others' (a "massive activation", as
+    the MLP inputs of some LLM blocks have), so its column dominates the layer's output."""
+    inputs = correlated_inputs(samples=samples, seed=seed)
+    inputs[:, 37] = 40 * inputs[:, 37].abs().mean() * torch.sign(inputs[:, 37])
+    return inputs
+
+
+def kept_and_plain(threshold, gptq=False):
+    from compress.solvers.gptq import HessianAccumulator
+
+    weight = mixed_rows(4)
+    weight[:, 37] *= 6  # its weights outlying too, as in smollm2-135m (up to 10-28 times the row's RMS)
+    inputs = massive_feature_inputs()
+    statistics = HessianAccumulator(512)
+    statistics.add_batch(inputs[:2048])
+    sensitivity = jlcm.input_sensitivity(statistics.hessian)
+    config = jlcm.JlcmConfig(**SMALL, outlier_threshold=threshold)
+    kept = jlcm.kept_columns(sensitivity, config.outlier_threshold, config.max_kept_columns)
+    layer = jlcm.initial_layer(weight, None, sensitivity, config, torch.Generator().manual_seed(0), kept)
+    if gptq:
+        codes, values = jlcm.gptq_codes(layer, weight, statistics.hessian, damping=0.01)
+        layer.set_codes(codes)
+        if values is not None:
+            layer.column_weights.data.copy_(values)
+    return layer, weight, inputs[2048:]
+
+
+@pytest.mark.parametrize("gptq", [False, True])
+def test_massive_input_features_are_kept_and_lower_the_output_error(gptq):
+    kept, weight, held_out = kept_and_plain(20.0, gptq)
+    plain, _, _ = kept_and_plain(0.0, gptq)
+    assert kept.column_indices.tolist() == [37] and plain.column_indices is None
+    if not gptq:  # the column is stored as it was; with feedback it holds what the feedback made of it
+        assert torch.equal(kept.dequantize()[:, 37], weight[:, 37])
+    assert output_error(weight, kept, held_out) < 0.5 * output_error(weight, plain, held_out)
+    extra = kept.bits_per_weight() - plain.bits_per_weight()
+    assert extra == pytest.approx(16 * (96 + 1) / (96 * 512), rel=1e-6)  # one float16 column and its int16 index
+
+
+def test_kept_columns_are_the_most_active_above_the_threshold():
+    sensitivity = torch.ones(64)
+    sensitivity[[3, 9, 40, 50]] = torch.tensor([30.0, 100.0, 25.0, 19.0])
+    assert jlcm.kept_columns(sensitivity, 20.0, 16).tolist() == [3, 9, 40]
+    assert jlcm.kept_columns(sensitivity, 20.0, 2).tolist() == [3, 9]
+    assert jlcm.kept_columns(sensitivity, 0.0, 16).tolist() == []
 
 
 def test_group_count_divides_the_rows():
@@ -153,3 +203,26 @@ def test_export_then_load_is_exact(model_dirs, tmp_path):
         assert torch.equal(loaded(input_ids=ids).logits, expected)
     layers = [m for m in loaded.modules() if isinstance(m, CodebookLinear)]
     assert layers and all(layer.permutation is not None for layer in layers if layer.num_groups > 1)
+
+
+def test_kept_columns_export_as_format_version_3_and_load_exactly(model_dirs, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    stage = {"stage": "jlcm", **SMALL, "steps": 4, "outlier_threshold": 1.5, "max_kept_columns": 2}
+    result = pipeline.run(tiny_recipe(model_dirs["llama"], out, [stage]))
+    kept = {n: m.column_indices.tolist() for n, m in result.model.named_modules()
+            if isinstance(m, CodebookLinear) and m.column_indices is not None}  # fmt: skip
+    assert kept and all(len(columns) <= 2 for columns in kept.values())
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format_version"] == 3
+    assert {n for n, s in config["layers"].items() if s.get("kept_columns")} == set(kept)
+    ids = torch.randint(3, 320, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(compress.load(out)(input_ids=ids).logits, result.model(input_ids=ids).logits)
+    config["format_version"] = 2  # a version-2 reader's checkpoint cannot hold kept columns
+    full = json.loads((out / "config.json").read_text())
+    full["quantization_config"] = config
+    (out / "config.json").write_text(json.dumps(full))
+    with pytest.raises(CompressError, match="kept_columns, which needs format version 3"):
+        compress.load(out, verify=False)

@@ -173,13 +173,20 @@ def test_a_killed_training_resumes_to_the_same_checkpoint(model_dirs, tmp_path, 
 
 def test_tuning_works_on_codebook_layers(model_dirs, tmp_path):
     """The same stage, unchanged, on `codebook` (jlcm) layers: held-out KL falls, format and size stay."""
-    jlcm = {"stage": "jlcm", "code_bits": 3, "vector_dim": 2, "rows_per_group": 16, "steps": 0}  # 1.5 bits: room
+    jlcm = {"stage": "jlcm", "code_bits": 3, "vector_dim": 2, "rows_per_group": 16, "steps": 0,  # 1.5 bits: room
+            "outlier_threshold": 1.5, "max_kept_columns": 2}  # and kept columns, which the P-step trains too
     out = tmp_path / "out"
+    result = pipeline.run(tiny_recipe(model_dirs["llama"], tmp_path / "jlcm", [jlcm]), evaluate=False)
+    kept = {n: m.column_weights.clone() for n, m in result.model.named_modules()
+            if isinstance(m, QuantizedLinear) and m.column_indices is not None}  # fmt: skip
     result = pipeline.run(tiny_recipe(model_dirs["llama"], out, [jlcm, pv_stages()[1]]), evaluate=False)
     validation = result.report.stages[1].metrics["validation"]
     assert min(v["kl"] for v in validation) < validation[0]["kl"] * 0.97
     layers = [m for m in result.model.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == 14 and all(m.format == "codebook" and m.code_bits == 3 for m in layers)
+    tuned = dict(result.model.named_modules())
+    assert kept and all(tuned[n].column_weights.shape == w.shape for n, w in kept.items())
+    assert any(not torch.equal(tuned[n].column_weights, w) for n, w in kept.items())
     ids = torch.randint(3, 320, (1, 16))
     with torch.no_grad():
         assert torch.equal(compress.load(out)(input_ids=ids).logits, result.model(input_ids=ids).logits)
