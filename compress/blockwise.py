@@ -51,9 +51,10 @@ def run_stage(
         state.restore_block(model, stage_index, index, context, tensors=streamer is None)
     batch = entry.calibration_batch(config)
     inputs = None
-    saved = state.streams(stage_index) if state is not None and done else {}
+    offload = getattr(context, "offload", None)
+    saved = state.streams(stage_index, offload) if state is not None and done else {}
     if batch and done < len(blocks):
-        inputs = capture_first_block_inputs(model, context.calibration_windows, batch)
+        inputs = capture_first_block_inputs(model, context.calibration_windows, batch, offload)
         if done:
             inputs = BlockInputs(saved.pop("calibration"), inputs.args, inputs.kwargs)
     if streamer is not None:

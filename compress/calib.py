@@ -5,12 +5,14 @@ depth."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from compress.models import find_blocks
+from compress.offload import DiskTensors, empty_like
 
 
 class _StopForward(Exception):
@@ -22,14 +24,17 @@ class BlockInputs:
     """The hidden states entering a block, per calibration batch, with the extra arguments the block takes
     (attention mask, position embeddings ...), which are the same for every block."""
 
-    hidden: list[torch.Tensor]
+    hidden: list[torch.Tensor] | DiskTensors  # on disk with `--offload-activations` (compress/offload.py)
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
 
     @torch.no_grad()
-    def run(self, block: nn.Module) -> list[torch.Tensor]:
-        """The block's output hidden states for every batch."""
-        return [_first(block(h, *a, **k)) for h, a, k in zip(self.hidden, self.args, self.kwargs, strict=True)]
+    def run(self, block: nn.Module) -> list[torch.Tensor] | DiskTensors:
+        """The block's output hidden states for every batch (on disk if the inputs are)."""
+        outputs = empty_like(self.hidden)
+        for hidden, args, kwargs in zip(self.hidden, self.args, self.kwargs, strict=True):
+            outputs.append(_first(block(hidden, *args, **kwargs)))
+        return outputs
 
 
 def run_collecting(
@@ -55,10 +60,13 @@ def _first(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> BlockInputs:
-    """Run the model on `windows` only up to its first block and keep that block's inputs."""
+def capture_first_block_inputs(
+    model: nn.Module, windows: torch.Tensor, batch_size: int, offload: Path | None = None
+) -> BlockInputs:
+    """Run the model on `windows` only up to its first block and keep that block's inputs (their hidden states in
+    files under `offload` if given)."""
     _, blocks = find_blocks(model)
-    captured = BlockInputs(hidden=[])
+    captured = BlockInputs(hidden=DiskTensors(offload) if offload is not None else [])
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")

@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         help="memory budget (e.g. 2.5GB): stream when the model would not fit, refuse at the start if even that does "
         "not",
     )
+    run.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="keep calibration activations in files beside the output, one batch in memory at a time",
+    )
     run.set_defaults(handler=_run)
 
     validate = commands.add_parser(
@@ -124,6 +129,7 @@ def _run(args: argparse.Namespace) -> int:
         resume=args.resume,
         stream=args.stream,
         max_memory=max_memory,
+        offload=args.offload_activations,
     )
     report = result.report
     print(report.to_text())

@@ -42,6 +42,7 @@ TRAINING_COPIES = 5  # weights, gradients, two Adam moments, the teacher (pv_tun
 @dataclass
 class MemoryPlan:
     stream: bool
+    offload: bool = False
     in_memory: dict[str, int] = field(default_factory=dict)
     streamed: dict[str, int] = field(default_factory=dict)
 
@@ -59,9 +60,10 @@ def parse_size(text: str) -> int:
     return int(number * 1024 ** "_KMGT".index(unit or "_"))
 
 
-def estimate(recipe: Recipe, model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
+def estimate(recipe: Recipe, model: nn.Module, offload: bool = False) -> tuple[dict[str, int], dict[str, int]]:
     """(in memory, streamed) peak estimates in bytes, by part, for `recipe` on the skeleton `model`; streamed, the
-    parts of the larger of its two phases (the start and end, or the blocks' turn)."""
+    parts of the larger of its two phases (the start and end, or the blocks' turn). With `offload`, the calibration
+    activations count one batch (inputs, outputs and the one being computed), the rest being on disk."""
     prefix, blocks = find_blocks(model)
     state = model.state_dict(keep_vars=True)
     sizes = {name: state[name].numel() * 4 for name in unique_tensors(model)}
@@ -73,12 +75,15 @@ def estimate(recipe: Recipe, model: nn.Module) -> tuple[dict[str, int], dict[str
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     calibration = recipe.data.calibration
     evaluation = recipe.data.evaluation
-    calibrates = any(
-        STAGES[s.name].calibration_batch is not None and STAGES[s.name].calibration_batch(s.config)
+    batches = [
+        STAGES[s.name].calibration_batch(s.config) or 0
         for s in recipe.stages
-    )
+        if STAGES[s.name].calibration_batch is not None
+    ]
+    calibrates = any(batches)
     training = any(STAGES[s.name].block is None for s in recipe.stages)
-    activations = 3 * calibration.num_samples * calibration.seq_len * hidden * 4 if calibrates else 0
+    held = min(max(batches, default=0), calibration.num_samples) if offload else calibration.num_samples
+    activations = 3 * held * calibration.seq_len * hidden * 4 if calibrates else 0
     statistics = 0
     if calibrates:
         linears = find_linears(blocks[0], list(LINEAR_TYPES), []).values()
@@ -112,24 +117,30 @@ def estimate(recipe: Recipe, model: nn.Module) -> tuple[dict[str, int], dict[str
     return in_memory, streamed
 
 
-def plan_memory(recipe: Recipe, budget: int, stream: bool) -> MemoryPlan:
-    """In memory if that fits `budget` (and streaming was not asked for), else streamed if the recipe can stream
-    and that fits; else a `CompressError` that lists what the run needs."""
+def plan_memory(recipe: Recipe, budget: int, stream: bool, offload: bool = False) -> MemoryPlan:
+    """The first of: in memory, in memory with the calibration activations on disk, streamed, streamed with them on
+    disk, that fits `budget` (streaming and offloading when asked for; streaming only if the recipe can); else a
+    `CompressError` that lists what the run needs."""
     from compress.pipeline import streaming_problems
 
     source = resolve_model(recipe.model.name)
     config, kind = load_config(source, trust_remote_code=recipe.model.trust_remote_code)
     model = skeleton(config, kind, trust_remote_code=recipe.model.trust_remote_code)
-    in_memory, streamed = estimate(recipe, model)
-    plan = MemoryPlan(stream, in_memory, streamed)
-    if not stream and plan.total(in_memory) <= budget:
-        log.info("--max-memory: in memory, about %s of %s", _gib(plan.total(in_memory)), _gib(budget))
-        return plan
+    estimates = {flag: estimate(recipe, model, flag) for flag in (False, True)}
+    plan = MemoryPlan(stream, offload, *estimates[offload])
     problems = streaming_problems(recipe)
-    if not problems and plan.total(streamed) <= budget:
-        log.info("--max-memory: streamed block by block, about %s of %s", _gib(plan.total(streamed)), _gib(budget))
-        plan.stream = True
-        return plan
+    for streamed in (False, True):
+        for offloaded in (False, True):
+            if (stream and not streamed) or (offload and not offloaded) or (streamed and problems):
+                continue
+            parts = estimates[offloaded][1 if streamed else 0]
+            if plan.total(parts) <= budget:
+                mode = ("streamed block by block" if streamed else "in memory") + (
+                    ", calibration activations on disk" if offloaded else ""
+                )
+                log.info("--max-memory: %s, about %s of %s", mode, _gib(plan.total(parts)), _gib(budget))
+                return MemoryPlan(streamed, offloaded, *estimates[offloaded])
+    in_memory, streamed = estimates[True]  # the smallest: calibration activations on disk
     lines = [f"--max-memory {_gib(budget)} is too small for this run."]
     if not stream:
         lines.append(f"In memory it needs about {_gib(plan.total(in_memory))}: {_parts(in_memory)}.")
@@ -137,7 +148,8 @@ def plan_memory(recipe: Recipe, budget: int, stream: bool) -> MemoryPlan:
         lines.append("It cannot stream: " + "; ".join(problems))
     else:
         lines.append(f"Streamed block by block it needs about {_gib(plan.total(streamed))}: {_parts(streamed)}.")
-        lines.append("Fewer calibration samples or evaluation windows, or a shorter seq_len, need less.")
+    lines.append("(Both with the calibration activations on disk.) Fewer evaluation windows, a smaller calibration "
+                 "batch or a shorter seq_len need less.")  # fmt: skip
     raise CompressError(" ".join(lines))
 
 

@@ -59,6 +59,7 @@ class Context:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)  # the running stage's own figures, kept in the report
     teacher: dict[str, Any] = field(default_factory=dict)  # what `prepare` hooks recorded from the original model
+    offload: Path | None = None  # calibration activations go to files under it (compress/offload.py)
     _token_cache: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def tokens(self, source: TextSource) -> torch.Tensor:
@@ -110,23 +111,28 @@ def run(
     resume: bool = False,
     stream: bool = False,
     max_memory: int | None = None,
+    offload: bool = False,
 ) -> RunResult:
     """Compress `recipe.model` with `recipe.stages`, evaluate before and after (unless `evaluate` is false),
     export to `recipe.export.out`. Finished stages and blocks are checkpointed beside the output; with `resume`, a
     run that was killed continues from them and ends with the same files as an uninterrupted run.
 
     With `stream`, the model is never loaded whole (compress/streaming.py). With `max_memory` (bytes), the run
-    streams when the model would not fit, and refuses at the start when even streaming needs more."""
+    streams when the model would not fit, offloads the calibration activations to disk when they would not, and
+    refuses at the start when even both need more. With `offload`, the calibration activations are kept in files
+    beside the output instead of in memory (compress/offload.py)."""
     if max_memory is not None:
-        stream = plan_memory(recipe, max_memory, stream).stream
+        plan = plan_memory(recipe, max_memory, stream, offload)
+        stream, offload = plan.stream, plan.offload
     if stream:
-        return _run_streamed(recipe, force=force, evaluate=evaluate, resume=resume)
+        return _run_streamed(recipe, force=force, evaluate=evaluate, resume=resume, offload=offload)
     started = time.perf_counter()
     out = check_destination(recipe.export.out, force)
     seed_everything(recipe.seed)
     loaded = load_model(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     model = loaded.model
     context = Context(recipe=recipe, tokenizer=loaded.tokenizer, kind=loaded.kind)
+    context.offload = run_directory(out) / "activations" if offload else None
     raise_problems(recipe, recipe_problems(recipe, model)[0])
     report = Report(recipe=recipe.path, environment=environment())
     report.model = {
@@ -186,7 +192,7 @@ def run(
     return RunResult(model, report)
 
 
-def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool) -> RunResult:
+def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool, offload: bool = False) -> RunResult:
     """`run` for a model that is never held whole: block-local stages only, blocks read from the safetensors
     shards one at a time, the checkpoint written as one shard per block."""
     started = time.perf_counter()
@@ -198,6 +204,7 @@ def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool) 
     source = resolve_model(recipe.model.name)
     model, tokenizer, kind, weights = open_streamed(source, trust_remote_code=recipe.model.trust_remote_code)
     context = Context(recipe=recipe, tokenizer=tokenizer, kind=kind)
+    context.offload = run_directory(out) / "activations" if offload else None
     raise_problems(recipe, recipe_problems(recipe, model)[0])
     report = Report(recipe=recipe.path, environment=environment())
     report.model = {"source": recipe.model.name, "architecture": type(model).__name__,

@@ -31,6 +31,7 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.models import find_blocks
+from compress.offload import DiskTensors, save_incrementally
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,11 @@ class RunState:
         temporary.write_text(json.dumps(layers, sort_keys=True))
         os.replace(temporary, records)
         _atomic_save(tensors, self.block_file(stage_index, index), metadata or {})
-        if streams:
-            flat = {f"{kind}.{i}": t for kind, batches in streams.items() for i, t in enumerate(batches)}
-            _atomic_save(flat, folder / f"streams-{index + 1:05d}.safetensors", {})
+        if streams:  # one tensor at a time: offloaded activations are never all in memory
+            path = folder / f"streams-{index + 1:05d}.safetensors"
+            temporary = path.with_name(path.name + ".partial")
+            save_incrementally(streams, temporary, {})
+            os.replace(temporary, path)
         self.state["blocks_done"] = index + 1
         self._write()
         previous = folder / f"streams-{index:05d}.safetensors"
@@ -118,17 +121,23 @@ class RunState:
     def block_layers(self, stage_index: int, index: int) -> dict[str, dict[str, Any]]:
         return json.loads(self.block_file(stage_index, index).with_suffix(".json").read_text())
 
-    def streams(self, stage_index: int) -> dict[str, list[torch.Tensor]]:
-        """The hidden states entering the first unfinished block of the stage under way."""
+    def streams(self, stage_index: int, offload: Path | None = None) -> dict[str, list[torch.Tensor] | DiskTensors]:
+        """The hidden states entering the first unfinished block of the stage under way; the calibration ones
+        copied into files under `offload` (one at a time) when given."""
         path = self._stage(stage_index) / f"streams-{self.blocks_done(stage_index):05d}.safetensors"
         if not path.is_file():
             return {}
-        found: dict[str, dict[int, torch.Tensor]] = {}
+        found: dict[str, dict[int, str]] = {}
         with safe_open(str(path), "pt") as handle:
             for key in handle.keys():
                 kind, _, number = key.rpartition(".")
-                found.setdefault(kind, {})[int(number)] = handle.get_tensor(key)
-        return {kind: [batches[i] for i in sorted(batches)] for kind, batches in found.items()}
+                found.setdefault(kind, {})[int(number)] = key
+            streams: dict[str, list[torch.Tensor] | DiskTensors] = {}
+            for kind, keys in found.items():
+                streams[kind] = DiskTensors(offload) if offload is not None and kind == "calibration" else []
+                for number in sorted(keys):
+                    streams[kind].append(handle.get_tensor(keys[number]))
+        return streams
 
     def restore_block(self, model: nn.Module, stage_index: int, index: int, context, tensors: bool = True) -> None:
         """Put block `index` back as stage `stage_index` left it: its compressed layers, records and (unless

@@ -117,9 +117,10 @@ def test_max_memory_streams_when_the_model_does_not_fit_and_refuses_when_nothing
     assert not plan.stream
     in_memory, streamed = plan.total(plan.in_memory), plan.total(plan.streamed)
     assert streamed < in_memory
-    assert plan_memory(recipe, (streamed + in_memory) // 2, stream=False).stream
+    assert plan_memory(recipe, (streamed + in_memory) // 2, stream=False, offload=True).stream
+    smallest = plan_memory(recipe, 2**40, stream=True, offload=True)
     with pytest.raises(CompressError, match="too small.*calibration activations"):
-        plan_memory(recipe, streamed - 1, stream=False)
+        plan_memory(recipe, smallest.total(smallest.streamed) - 1, stream=False)
     training = tiny_recipe(sharded_llama, tmp_path / "out", [STAGES_TRIED["rtn"], {"stage": "pv_tuning"}])
     with pytest.raises(CompressError, match="cannot stream"):
         plan_memory(training, in_memory // 2, stream=False)
