@@ -71,6 +71,8 @@ METHODS = [
     ),  # fmt: skip
     Method("jlcm", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2, 3)),
     Method("jlcm+pv", "ours", recipe="recipes/pv-tune.yaml", base="jlcm", only_bits=(2,)),
+    Method("jlcm+ste", "ours", recipe="recipes/pv-tune.yaml", base="jlcm", only_bits=(2,),
+           settings=(("stages.0.mode", "ste"),)),  # fmt: skip
     # Variants and ablations of jlcm (issue: each ablation must cost quality): codes by error-feedback assignment
     # instead of each vector's nearest entry; one codebook per layer; joint learning (16 steps per block) on top of
     # the recipe; learning with plain nearest re-assignment, not the proximal rule.
@@ -418,8 +420,8 @@ def markdown_table(results: dict) -> str:
         f"{results['seq_len']} tokens per text ({texts}). GPTQ calibrates on {results['calibration_samples']} "
         "windows from the first half of the same text. Peers are evaluated from their dequantized weights with our "
         "evaluation code; their sizes are their own packed checkpoints with float tensors counted at 16 bits. "
-        "Time is the compression step alone (for `+pv` and `+ste`, the fine-tuning of the `nupes` checkpoint of the "
-        "same run, whose own time is its row's); peak RSS is the whole process.",
+        "Time is the compression step alone (for `+pv` and `+ste`, the fine-tuning of the `nupes` or `jlcm` "
+        "checkpoint of the same bits, whose own time is its row's); peak RSS is the whole process.",
     ]
     return "\n".join(lines) + "\n"
 
