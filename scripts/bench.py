@@ -73,11 +73,12 @@ METHODS = [
     Method("jlcm+pv", "ours", recipe="recipes/pv-tune.yaml", base="jlcm", only_bits=(2,)),
     Method("jlcm+ste", "ours", recipe="recipes/pv-tune.yaml", base="jlcm", only_bits=(2,),
            settings=(("stages.0.mode", "ste"),)),  # fmt: skip
-    # Variants and ablations of jlcm (issue: each ablation must cost quality): codes by error-feedback assignment
-    # instead of each vector's nearest entry; one codebook per layer; joint learning (16 steps per block) on top of
-    # the recipe; learning with plain nearest re-assignment, not the proximal rule.
-    Method("jlcm-feedback", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2, 3),
-           settings=(("stages.0.gptq", True),)),  # fmt: skip
+    Method("jlcm-nearest+pv", "ours", recipe="recipes/pv-tune.yaml", base="jlcm-nearest", only_bits=(2,)),
+    # Variants and ablations of jlcm (issue: each ablation must cost quality): each vector's nearest entry instead
+    # of error-feedback assignment; one codebook per layer; joint learning (16 steps per block) on top of the
+    # recipe; learning with plain nearest re-assignment, not the proximal rule.
+    Method("jlcm-nearest", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2, 3),
+           settings=(("stages.0.gptq", False),)),  # fmt: skip
     Method("jlcm-no-grouping", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
            settings=(("stages.0.grouping", "none"),)),  # fmt: skip
     Method("jlcm-learned", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
