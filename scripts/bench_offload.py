@@ -89,7 +89,8 @@ def write_model(path: Path) -> Path:
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(path)
-    AutoTokenizer.from_pretrained(embedded_path("smollm2-135m")).save_pretrained(path)
+    gguf = embedded_path("smollm2-135m")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(path)
     return path
 
 
