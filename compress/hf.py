@@ -79,7 +79,9 @@ def install_compressed(
             raise CompressError(f"{where}: quantization_config.structure needs format version 2, not {format_version}")
         apply_structure(model, structure, where)
     if format_version < 3 and isinstance(layers, dict):
-        kept = [name for name, settings in layers.items() if isinstance(settings, dict) and settings.get("kept_columns")]
+        kept = [
+            name for name, settings in layers.items() if isinstance(settings, dict) and settings.get("kept_columns")
+        ]
         if kept:
             raise CompressError(f"{where}: layer {kept[0]!r} has kept_columns, which needs format version 3, "
                                 f"not {format_version}")  # fmt: skip

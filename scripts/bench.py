@@ -71,20 +71,50 @@ METHODS = [
     ),  # fmt: skip
     Method("jlcm", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2, 3)),
     Method("jlcm+pv", "ours", recipe="recipes/pv-tune.yaml", base="jlcm", only_bits=(2,)),
-    Method("jlcm+ste", "ours", recipe="recipes/pv-tune.yaml", base="jlcm", only_bits=(2,),
-           settings=(("stages.0.mode", "ste"),)),  # fmt: skip
+    Method(
+        "jlcm+ste",
+        "ours",
+        recipe="recipes/pv-tune.yaml",
+        base="jlcm",
+        only_bits=(2,),
+        settings=(("stages.0.mode", "ste"),),
+    ),  # fmt: skip
     Method("jlcm-nearest+pv", "ours", recipe="recipes/pv-tune.yaml", base="jlcm-nearest", only_bits=(2,)),
     # Variants and ablations of jlcm (issue: each ablation must cost quality): each vector's nearest entry instead
     # of error-feedback assignment; one codebook per layer; joint learning (16 steps per block) on top of the
     # recipe; learning with plain nearest re-assignment, not the proximal rule.
-    Method("jlcm-nearest", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2, 3),
-           settings=(("stages.0.gptq", False),)),  # fmt: skip
-    Method("jlcm-no-grouping", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
-           settings=(("stages.0.grouping", "none"),)),  # fmt: skip
-    Method("jlcm-learned", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
-           settings=(("stages.0.steps", 16),)),  # fmt: skip
-    Method("jlcm-no-proximal", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2,),
-           settings=(("stages.0.steps", 16), ("stages.0.proximal", False))),  # fmt: skip
+    Method(
+        "jlcm-nearest",
+        "ours",
+        recipe="recipes/jlcm-{bits}bit.yaml",
+        grid=False,
+        only_bits=(2, 3),
+        settings=(("stages.0.gptq", False),),
+    ),  # fmt: skip
+    Method(
+        "jlcm-no-grouping",
+        "ours",
+        recipe="recipes/jlcm-{bits}bit.yaml",
+        grid=False,
+        only_bits=(2,),
+        settings=(("stages.0.grouping", "none"),),
+    ),  # fmt: skip
+    Method(
+        "jlcm-learned",
+        "ours",
+        recipe="recipes/jlcm-{bits}bit.yaml",
+        grid=False,
+        only_bits=(2,),
+        settings=(("stages.0.steps", 16),),
+    ),  # fmt: skip
+    Method(
+        "jlcm-no-proximal",
+        "ours",
+        recipe="recipes/jlcm-{bits}bit.yaml",
+        grid=False,
+        only_bits=(2,),
+        settings=(("stages.0.steps", 16), ("stages.0.proximal", False)),
+    ),  # fmt: skip
     Method("llmcompressor-rtn", "llmcompressor", peer_method="rtn"),
     Method("llmcompressor-gptq", "llmcompressor", peer_method="gptq"),
     Method("hqq", "hqq"),

@@ -15,9 +15,7 @@ Writes bench/offload/results.json and results.md, and rewrites the README sectio
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +27,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "offload"
 CONFIG = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=4, vocab_size=49152, max_position_embeddings=512, tie_word_embeddings=True)  # fmt: skip
+              num_key_value_heads=4, vocab_size=49152, max_position_embeddings=512,
+              tie_word_embeddings=True)  # fmt: skip
 CALIBRATION = {"num_samples": 2048, "seq_len": 256}
 STAGE = {"stage": "nupes", "mode": "data-driven", "bits": 4, "group_size": 64, "steps": 4, "batch_size": 64}
 
@@ -67,17 +66,9 @@ def main() -> None:
     activations = CALIBRATION["num_samples"] * CALIBRATION["seq_len"] * CONFIG["hidden_size"] * 4
     results = {"config": CONFIG, "calibration": CALIBRATION, "stage": STAGE, "activation_copy_bytes": activations,
                "runs": runs, "identical_checkpoints": identical, "cpus": os.cpu_count()}  # fmt: skip
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (OUT / "results.md").write_text(table)
-    print(table)
-    if not args.no_readme:
-        readme = ROOT / "README.md"
-        pattern = re.compile(r"(<!-- offload-bench:start -->\n).*?(<!-- offload-bench:end -->)", re.DOTALL)
-        text = readme.read_text()
-        if pattern.search(text):
-            readme.write_text(pattern.sub(lambda m: m.group(1) + table + m.group(2), text))
+    from bench_scale import write_results  # scripts/ is on the path when a script runs
+
+    write_results(OUT, results, markdown(results), "offload-bench", readme=not args.no_readme)
     shutil.rmtree(args.work, ignore_errors=True)
 
 

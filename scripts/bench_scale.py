@@ -80,17 +80,21 @@ def main() -> None:
 
 
 def finish(results: dict, args: argparse.Namespace) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (OUT / "results.md").write_text(table)
+    write_results(OUT, results, markdown(results), "scale-bench", readme=not args.no_readme)
+
+
+def write_results(out: Path, results: dict, table: str, marker: str, readme: bool) -> None:
+    """results.json and results.md under `out`; the table also into the README between the `marker` comments."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(table)
     print(table)
-    if not args.no_readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
-        pattern = re.compile(r"(<!-- scale-bench:start -->\n).*?(<!-- scale-bench:end -->)", re.DOTALL)
+    if readme:
+        path = ROOT / "README.md"
+        text = path.read_text()
+        pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.DOTALL)
         if pattern.search(text):
-            readme.write_text(pattern.sub(lambda m: m.group(1) + table + m.group(2), text))
+            path.write_text(pattern.sub(lambda m: m.group(1) + table + m.group(2), text))
 
 
 def write_random_llama(path: Path, shard_bytes: int = 2**30) -> None:

@@ -9,8 +9,8 @@ Block by block on calibration activations:
 (2) each group's codebook is initialised by k-means of its row-normalised weight vectors, weighted by the
     sensitivity of each input feature (its mean squared activation, the input Hessian's diagonal);
 (3) with `gptq` (the default), the mappings are chosen by Hessian-aware assignment with error feedback (else each
-    vector's nearest entry): vectors are assigned left to right, and each one's output error is compensated in the weights not yet assigned
-    (GPTQ's update for vectors, as GPTVQ does);
+    vector's nearest entry): vectors are assigned left to right, and each one's output error is compensated in the
+    weights not yet assigned (GPTQ's update for vectors, as GPTVQ does);
 (4) optionally, codebook entries, row scales and mappings are learned jointly on the block's output error, mappings
     by the proximal update (a vector moves only to an entry near its current one; see `compress.solvers.codebooks`).
 """

@@ -173,8 +173,15 @@ def test_a_killed_training_resumes_to_the_same_checkpoint(model_dirs, tmp_path, 
 
 def test_tuning_works_on_codebook_layers(model_dirs, tmp_path):
     """The same stage, unchanged, on `codebook` (jlcm) layers: held-out KL falls, format and size stay."""
-    jlcm = {"stage": "jlcm", "code_bits": 3, "vector_dim": 2, "rows_per_group": 16, "steps": 0,  # 1.5 bits: room
-            "outlier_threshold": 1.5, "max_kept_columns": 2}  # and kept columns, which the P-step trains too
+    jlcm = {
+        "stage": "jlcm",
+        "code_bits": 3,
+        "vector_dim": 2,
+        "rows_per_group": 16,
+        "steps": 0,  # 1.5 bits: room
+        "outlier_threshold": 1.5,
+        "max_kept_columns": 2,
+    }  # and kept columns, which the P-step trains too
     out = tmp_path / "out"
     result = pipeline.run(tiny_recipe(model_dirs["llama"], tmp_path / "jlcm", [jlcm]), evaluate=False)
     kept = {n: m.column_weights.clone() for n, m in result.model.named_modules()
