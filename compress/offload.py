@@ -11,6 +11,7 @@ with them.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 import tempfile
@@ -87,7 +88,7 @@ def save_incrementally(items: dict[str, Sequence[torch.Tensor]], path: Path, met
     for key, tensors in items.items():
         for index in range(len(tensors)):
             shape, dtype = tensors.shape(index) if isinstance(tensors, DiskTensors) else _shape(tensors[index])
-            size = dtype.itemsize * _count(shape)
+            size = dtype.itemsize * math.prod(shape)
             header[f"{key}.{index}"] = {"dtype": _DTYPES[dtype], "shape": list(shape),
                                         "data_offsets": [offset, offset + size]}  # fmt: skip
             order.append((tensors, index, size))
@@ -106,10 +107,3 @@ def save_incrementally(items: dict[str, Sequence[torch.Tensor]], path: Path, met
 
 def _shape(tensor: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype]:
     return tuple(tensor.shape), tensor.dtype
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
