@@ -127,27 +127,26 @@ def plan_memory(recipe: Recipe, budget: int, stream: bool, offload: bool = False
     config, kind = load_config(source, trust_remote_code=recipe.model.trust_remote_code)
     model = skeleton(config, kind, trust_remote_code=recipe.model.trust_remote_code)
     estimates = {flag: estimate(recipe, model, flag) for flag in (False, True)}
-    plan = MemoryPlan(stream, offload, *estimates[offload])
     problems = streaming_problems(recipe)
     for streamed in (False, True):
         for offloaded in (False, True):
             if (stream and not streamed) or (offload and not offloaded) or (streamed and problems):
                 continue
             parts = estimates[offloaded][1 if streamed else 0]
-            if plan.total(parts) <= budget:
+            if MemoryPlan.total(parts) <= budget:
                 mode = ("streamed block by block" if streamed else "in memory") + (
                     ", calibration activations on disk" if offloaded else ""
                 )
-                log.info("--max-memory: %s, about %s of %s", mode, _gib(plan.total(parts)), _gib(budget))
+                log.info("--max-memory: %s, about %s of %s", mode, _gib(MemoryPlan.total(parts)), _gib(budget))
                 return MemoryPlan(streamed, offloaded, *estimates[offloaded])
     in_memory, streamed = estimates[True]  # the smallest: calibration activations on disk
     lines = [f"--max-memory {_gib(budget)} is too small for this run."]
     if not stream:
-        lines.append(f"In memory it needs about {_gib(plan.total(in_memory))}: {_parts(in_memory)}.")
+        lines.append(f"In memory it needs about {_gib(MemoryPlan.total(in_memory))}: {_parts(in_memory)}.")
     if problems:
         lines.append("It cannot stream: " + "; ".join(problems))
     else:
-        lines.append(f"Streamed block by block it needs about {_gib(plan.total(streamed))}: {_parts(streamed)}.")
+        lines.append(f"Streamed block by block it needs about {_gib(MemoryPlan.total(streamed))}: {_parts(streamed)}.")
     lines.append("(Both with the calibration activations on disk.) Fewer evaluation windows, a smaller calibration "
                  "batch or a shorter seq_len need less.")  # fmt: skip
     raise CompressError(" ".join(lines))
