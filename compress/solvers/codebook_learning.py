@@ -115,22 +115,23 @@ def learn_block(
     seed: int,
 ) -> tuple[list[float], int]:
     """Learn the codebooks, row scales and mappings of `layers` (names relative to `block`) so that the block
-    reproduces `outputs`. Returns the per-step relative output errors and the number of mapping changes."""
+    reproduces `outputs`; with `latent_learning_rate` 0 the mappings stay as they are (codebooks and scales only).
+    Returns the per-step relative output errors and the number of mapping changes."""
     latents = {
         name: LatentCodebookLinear(layer, targets_by_layer[name], sensitivity[name]) for name, layer in layers.items()
     }
     codebooks, scales, latent_values = ([p for m in latents.values() for p in m.learnable()[i]] for i in range(3))
-    groups = [
-        {"params": codebooks, "lr": codebook_learning_rate},
-        {"params": latent_values, "lr": latent_learning_rate},
-    ]
+    learn_mappings = latent_learning_rate > 0
+    groups = [{"params": codebooks, "lr": codebook_learning_rate}]
+    if learn_mappings:
+        groups.append({"params": latent_values, "lr": latent_learning_rate})
     if scales:
         groups.append({"params": scales, "lr": scale_learning_rate, "clip": True})
     moves = 0
 
     def after_step(step: int) -> None:
         nonlocal moves
-        if (step + 1) % rule.reassign_every == 0:
+        if learn_mappings and (step + 1) % rule.reassign_every == 0:
             moves += sum(latent.reassign(rule) for latent in latents.values())
 
     losses = train_block(block, latents, groups, inputs, outputs, steps, seed, after_step)

@@ -138,3 +138,85 @@ def proximal_assign(
     move = squared_distances(codebook, codebook)[current.unsqueeze(1), candidates]
     best = (fit + penalty * move).argmin(dim=1)
     return candidates.gather(1, best.unsqueeze(1)).squeeze(1)
+
+
+def refit_codebooks(
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    groups: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor | None,
+    coded: torch.Tensor,
+    hessian: torch.Tensor,
+    damping: float,
+    rounds: int = 2,
+    iterations: int = 25,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """With the codes fixed, the codebook entries, row scales and kept columns that minimise the layer's output
+    error `sum_r (W_r - What_r) H (W_r - What_r)^T` on the calibration inputs (`H`: the input Hessian, damped as
+    for GPTQ). `What_r = s_r * C[g_r, codes_r]` on coded inputs and free values on the kept ones.
+
+    The kept columns are eliminated exactly: for any coded error `E_U`, their best error is
+    `E_K = -H_KK^-1 H_KU E_U`, which leaves `E_U S E_U^T` with `S = H_UU - H_UK H_KK^-1 H_KU` (Schur complement).
+    Each round then solves for the entries (a linear least squares, block-diagonal over groups) by conjugate
+    gradients from the current entries, rounds them to float16, and sets each row's scale to its closed-form best
+    `s_r = W_r S Q_r^T / Q_r S Q_r^T` (float16). Rows are in stored order.
+
+    weight `[out, in]`, codes `[out, in/d]` (int64), groups `[out]`, codebooks `[G, K, d]`, scales `[out]` or None,
+    coded `[in]` bool (False on kept columns), hessian `[in, in]` -> (codebooks, scales, kept weights `[out, k]`).
+    """
+    weight = weight.float()
+    out_features, in_features = weight.shape
+    num_groups, entries, d = codebooks.shape
+    hessian = hessian.float().clone()
+    diagonal = torch.diag(hessian)
+    dead = diagonal == 0
+    hessian[dead, dead] = 1.0
+    hessian += damping * float(diagonal.mean()) * torch.eye(in_features, dtype=hessian.dtype, device=hessian.device)
+    coded_index = coded.nonzero(as_tuple=True)[0]
+    kept_index = (~coded).nonzero(as_tuple=True)[0]
+    schur, elimination = hessian[coded_index][:, coded_index], None
+    if len(kept_index):
+        elimination = torch.linalg.solve(hessian[kept_index][:, kept_index], hessian[kept_index][:, coded_index])
+        schur = schur - hessian[coded_index][:, kept_index] @ elimination
+    slots = (groups.unsqueeze(1) * entries + codes).reshape(-1)
+    target = weight[:, coded_index]
+
+    def decoded(entries_now: torch.Tensor) -> torch.Tensor:
+        return entries_now[groups.unsqueeze(1), codes].reshape(out_features, in_features)[:, coded_index]
+
+    def gather(rows: torch.Tensor) -> torch.Tensor:  # [out, coded] -> summed per entry [G, K, d]
+        full = torch.zeros(out_features, in_features, dtype=rows.dtype, device=rows.device)
+        full[:, coded_index] = rows
+        total = torch.zeros(num_groups * entries, d, dtype=rows.dtype, device=rows.device)
+        return total.index_add_(0, slots, full.reshape(-1, d)).view(num_groups, entries, d)
+
+    entries_now = codebooks.detach().float().clone()
+    row_scale = torch.ones(out_features) if scales is None else scales.detach().float().clone()
+
+    def normal(c: torch.Tensor, square: torch.Tensor) -> torch.Tensor:  # the least squares' normal operator
+        return gather((square * decoded(c)) @ schur)
+
+    for _ in range(rounds):
+        square = row_scale.pow(2).unsqueeze(1)
+
+        residual = gather((row_scale.unsqueeze(1) * target) @ schur) - normal(entries_now, square)
+        direction, norm = residual.clone(), float(residual.pow(2).sum())
+        for _ in range(iterations):
+            if norm <= 1e-24:
+                break
+            product = normal(direction, square)
+            step = norm / max(float((direction * product).sum()), 1e-30)
+            entries_now = entries_now + step * direction
+            residual = residual - step * product
+            new_norm = float(residual.pow(2).sum())
+            direction, norm = residual + (new_norm / norm) * direction, new_norm
+        entries_now = entries_now.half().float()
+        if scales is not None:
+            values = decoded(entries_now)
+            projected = values @ schur
+            best = (target * projected).sum(dim=1) / (values * projected).sum(dim=1).clamp_min(1e-30)
+            row_scale = torch.where(best > 0, best, row_scale).half().float()
+    coded_error = target - row_scale.unsqueeze(1) * decoded(entries_now)
+    kept = weight[:, kept_index] + (coded_error @ elimination.t() if elimination is not None else 0.0)
+    return entries_now, (row_scale if scales is not None else None), kept

@@ -11,8 +11,11 @@ Block by block on calibration activations:
 (3) with `gptq` (the default), the mappings are chosen by Hessian-aware assignment with error feedback (else each
     vector's nearest entry): vectors are assigned left to right, and each one's output error is compensated in the
     weights not yet assigned (GPTQ's update for vectors, as GPTVQ does);
-(4) optionally, codebook entries, row scales and mappings are learned jointly on the block's output error, mappings
-    by the proximal update (a vector moves only to an entry near its current one; see `compress.solvers.codebooks`).
+(4) optionally (`refit_rounds`), with the codes fixed, the codebook entries, row scales and kept columns are
+    refitted to the layer's output error by least squares (`refit_codebooks`), the codes assigned again, and so on;
+(5) optionally (`steps`), codebook entries, row scales and mappings are learned jointly on the block's output error,
+    mappings by the proximal update (a vector moves only to an entry near its current one; see
+    `compress.solvers.codebooks`); with `latent_learning_rate: 0` only the entries and scales are learned.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from compress.formats.codebook import CodebookLinear, nearest_entries
 from compress.models import dense_weight, find_linears, replace_module
 from compress.registry import STAGES, register_block_stage
 from compress.solvers.codebook_learning import MappingRule, learn_block
-from compress.solvers.codebooks import balanced_groups, row_features, weighted_kmeans
+from compress.solvers.codebooks import balanced_groups, refit_codebooks, row_features, weighted_kmeans
 from compress.solvers.gptq import HessianAccumulator, gptq_round_vectors
 from compress.stages.base import LayerSelection, check_finite, relative_error
 
@@ -56,6 +59,13 @@ class JlcmConfig(LayerSelection):
         "nearest entries on text of another kind",
     )
     damping: float = Field(0.01, ge=0.0, description="gptq: damping, a fraction of the mean Hessian diagonal")
+    refit_rounds: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="codebook entries, row scales and kept columns refitted to the layer's output error with the "
+        "codes fixed (least squares), this many times; with gptq, the codes are assigned again between refits",
+    )
     outlier_threshold: float = Field(
         20.0,
         ge=0.0,
@@ -75,7 +85,9 @@ class JlcmConfig(LayerSelection):
     batch_size: int = Field(4, ge=1, le=4096, description="calibration windows per batch")
     codebook_learning_rate: float = Field(1e-3, ge=0.0, description="codebook entries (row-normalised units)")
     scale_learning_rate: float = Field(1e-3, ge=0.0, description="log row-scales")
-    latent_learning_rate: float = Field(3e-3, ge=0.0, description="latent weights (row-normalised units)")
+    latent_learning_rate: float = Field(
+        3e-3, ge=0.0, description="latent weights (row-normalised units); 0: the mappings stay as assigned"
+    )
     proximal: bool = Field(True, description="false: mappings move to the nearest entry of the whole codebook")
     neighbours: int = Field(
         8, ge=1, description="proximal rule: candidate entries of a move, the current included (at most all entries)"
@@ -127,11 +139,14 @@ def compress_block(block, index: int, name: str, inputs, config: JlcmConfig, con
         sensitivity[relative] = input_sensitivity(hessian)
         kept = kept_columns(sensitivity[relative], config.outlier_threshold, config.max_kept_columns)
         layers[relative] = initial_layer(weight, linear.bias, sensitivity[relative], config, generator, kept)
-        if config.gptq:
-            codes, kept_values = gptq_codes(layers[relative], weight, hessian, config.damping)
-            layers[relative].set_codes(codes)
-            if kept_values is not None:
-                layers[relative].column_weights.data.copy_(kept_values)
+        for round_ in range(config.refit_rounds + 1):
+            if round_:
+                refit_layer(layers[relative], weight, hessian, config.damping)
+            if config.gptq and round_ < max(config.refit_rounds, 1):
+                codes, kept_values = gptq_codes(layers[relative], weight, hessian, config.damping)
+                layers[relative].set_codes(codes)
+                if kept_values is not None:
+                    layers[relative].column_weights.data.copy_(kept_values)
         replace_module(block, relative, layers[relative])
     try:
         losses, moves = (
@@ -217,6 +232,23 @@ def gptq_codes(
         return codes, None
     values = kept[:, layer.column_indices.to(torch.int64)]
     return codes, values * (layer.scales.detach().unsqueeze(1) if layer.scales is not None else 1.0)
+
+
+def refit_layer(layer: CodebookLinear, weight: torch.Tensor, hessian: torch.Tensor, damping: float) -> None:
+    """The layer's codebooks, row scales and kept columns refitted to its output error, codes fixed
+    (`refit_codebooks`); `weight` in original row order."""
+    weight = weight.float()
+    if layer.permutation is not None:
+        weight = weight[layer.permutation.to(torch.int64)]
+    codebooks, scales, kept = refit_codebooks(
+        weight, layer.unpacked_codes(), layer.row_groups(), layer.codebooks, layer.scales,
+        layer.coded_mask().bool(), hessian, damping,
+    )  # fmt: skip
+    layer.codebooks.data.copy_(codebooks)
+    if scales is not None:
+        layer.scales.data.copy_(scales)
+    if layer.column_weights is not None:
+        layer.column_weights.data.copy_(kept)
 
 
 def initial_layer(

@@ -1,9 +1,12 @@
+import pytest
 import torch
 
+from compress.formats.codebook import nearest_entries
 from compress.solvers.codebooks import (
     balanced_groups,
     neighbour_table,
     proximal_assign,
+    refit_codebooks,
     row_features,
     weighted_kmeans,
 )
@@ -76,3 +79,71 @@ def test_balanced_groups_are_equal_and_separate_distinct_rows():
     groups = balanced_groups(row_features(rows), 2, 10, generator)
     assert torch.bincount(groups).tolist() == [12, 12]
     assert len(torch.unique(groups[is_heavy])) == 1 and len(torch.unique(groups[~is_heavy])) == 1
+
+
+def refit_problem(kept=(), seed=0, out=48, features=32, d=2, groups=2, entries=8):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, features, generator=generator)
+    row_groups = torch.arange(out) // (out // groups)
+    codebooks = torch.randn(groups, entries, d, generator=generator)
+    scales = weight.pow(2).mean(dim=1).sqrt() * (0.8 + 0.4 * torch.rand(out, generator=generator))
+    vectors = (weight / scales.unsqueeze(1)).reshape(-1, d)
+    codes = nearest_entries(vectors, codebooks, row_groups.repeat_interleave(features // d)).view(out, -1)
+    factors = torch.randn(4 * features, features, generator=generator)
+    hessian = factors.T @ factors / len(factors) + 0.1 * torch.eye(features)
+    coded = torch.ones(features, dtype=torch.bool)
+    coded[list(kept)] = False
+    return weight, codes, row_groups, codebooks, scales, coded, hessian
+
+
+def refit_objective(weight, codes, groups, codebooks, scales, coded, kept_weights, hessian):
+    out, features = weight.shape
+    decoded = codebooks[groups.unsqueeze(1), codes].reshape(out, features) * scales.unsqueeze(1)
+    decoded[:, ~coded] = kept_weights
+    error = weight - decoded
+    return (error @ hessian * error).sum()
+
+
+def test_refit_with_identity_hessian_gives_each_entry_the_mean_of_its_vectors():
+    weight, codes, groups, codebooks, _, coded, _ = refit_problem(seed=1)
+    entries, _, _ = refit_codebooks(weight, codes, groups, codebooks, None, coded, torch.eye(32), damping=0.0,
+                                    rounds=1, iterations=50)  # fmt: skip
+    vectors = weight.reshape(48, 16, 2)
+    for group in range(2):
+        for entry in range(8):
+            members = vectors[groups == group][codes[groups == group] == entry]
+            if len(members):
+                torch.testing.assert_close(entries[group, entry], members.mean(dim=0).half().float(), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kept", [(), (3, 17)])
+def test_refit_is_the_least_squares_optimum_of_the_output_error(kept):
+    """The objective's gradient in the entries and the kept weights is (about) zero after the refit, and the error
+    is below the starting one; with kept columns, their weights are the exact optimum for the coded part."""
+    weight, codes, groups, codebooks, scales, coded, hessian = refit_problem(kept)
+    initial = codebooks.clone().requires_grad_(True)
+    start_kept = weight[:, ~coded].clone().requires_grad_(True)
+    start = refit_objective(weight, codes, groups, initial, scales, coded, start_kept, hessian)
+    start.backward()
+    entries, new_scales, kept_weights = refit_codebooks(
+        weight, codes, groups, codebooks, scales, coded, hessian, damping=0.0, rounds=1, iterations=200
+    )
+    assert torch.equal(new_scales, new_scales.half().float()) and torch.equal(entries, entries.half().float())
+    assert kept_weights.shape == (48, len(kept))
+    entries = entries.clone().requires_grad_(True)
+    kept_weights = kept_weights.clone().requires_grad_(True)
+    # the entries are optimal for the scales they were fitted with, the kept weights for the final scales
+    fitted = refit_objective(weight, codes, groups, entries, scales, coded, kept_weights.detach(), hessian)
+    fitted.backward()
+    final = refit_objective(weight, codes, groups, entries.detach(), new_scales, coded, kept_weights, hessian)
+    final.backward()
+    assert float(final.detach()) < 0.9 * float(start.detach())
+    assert float(entries.grad.norm()) < 0.01 * float(initial.grad.norm())  # not 0: entries are rounded to float16
+    if kept:
+        assert float(kept_weights.grad.norm()) < 1e-4 * float(start_kept.grad.norm())
+    # scales: each is its row's closed-form best; nudging any either way raises the error
+    for row, factor in [(row, factor) for row in range(0, 48, 7) for factor in (0.98, 1.02)]:
+        nudged = new_scales.clone()
+        nudged[row] *= factor
+        worse = refit_objective(weight, codes, groups, entries.detach(), nudged, coded, kept_weights.detach(), hessian)
+        assert float(worse) > float(final)

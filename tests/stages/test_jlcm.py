@@ -137,6 +137,21 @@ def test_massive_input_features_are_kept_and_lower_the_output_error(gptq):
     assert extra == pytest.approx(16 * (96 + 1) / (96 * 512), rel=1e-6)  # one float16 column and its int16 index
 
 
+@pytest.mark.parametrize("gptq", [False, True])
+def test_refit_lowers_the_held_out_output_error(gptq):
+    """Codebooks, scales and kept columns refitted to the calibration inputs' output error (codes fixed) lower the
+    error on other inputs of the same kind, with nearest or error-feedback codes; the codes do not change."""
+    from compress.solvers.gptq import HessianAccumulator
+
+    layer, weight, held_out = kept_and_plain(20.0, gptq)
+    statistics = HessianAccumulator(512)
+    statistics.add_batch(massive_feature_inputs()[:2048])
+    codes, before = layer.unpacked_codes().clone(), output_error(weight, layer, held_out)
+    jlcm.refit_layer(layer, weight, statistics.hessian, damping=0.01)
+    assert torch.equal(layer.unpacked_codes(), codes)
+    assert output_error(weight, layer, held_out) < 0.95 * before
+
+
 def test_kept_columns_are_the_most_active_above_the_threshold():
     sensitivity = torch.ones(64)
     sensitivity[[3, 9, 40, 50]] = torch.tensor([30.0, 100.0, 25.0, 19.0])
@@ -167,6 +182,28 @@ def test_learning_beats_kmeans_alone_on_held_out_block_output():
     assert learned < 0.95 * kmeans_only
     layers = [m for m in model.modules() if isinstance(m, CodebookLinear)]
     assert len(layers) == 14 and all(layer.code_bits == 4 and layer.vector_dim == 2 for layer in layers)
+
+
+def test_learning_codebooks_and_scales_alone_keeps_the_mappings():
+    """With `latent_learning_rate: 0` learning moves no mapping (compared in the first block: the later blocks see
+    other inputs once the first is learned), and still lowers the held-out block error."""
+    context = Context(torch.randint(3, 320, (16, 64)))
+    original = {n: m.unpacked_codes().clone() for n, m in _kmeans_layers(context).items()}
+    model = build_model("llama")
+    jlcm.apply(model, jlcm.JlcmConfig(**SMALL, steps=16, latent_learning_rate=0.0), context)
+    learned = {n: m.unpacked_codes() for n, m in model.named_modules() if isinstance(m, CodebookLinear)}
+    first = [n for n in learned if ".layers.0." in n]
+    assert len(first) == 7 and all(torch.equal(learned[n], original[n]) for n in first)
+    _, kmeans_only = run_jlcm(steps=0)
+    rates = {"codebook_learning_rate": 3e-3, "scale_learning_rate": 3e-3}
+    _, learned_error = run_jlcm(steps=32, latent_learning_rate=0.0, **rates)
+    assert learned_error < 0.95 * kmeans_only
+
+
+def test_refit_rounds_lower_the_held_out_block_error():
+    _, plain = run_jlcm(steps=0)
+    _, refitted = run_jlcm(steps=0, refit_rounds=1)
+    assert refitted < 0.95 * plain
 
 
 def test_proximal_rule_limits_moves():
