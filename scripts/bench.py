@@ -81,8 +81,9 @@ METHODS = [
     ),  # fmt: skip
     Method("jlcm-nearest+pv", "ours", recipe="recipes/pv-tune.yaml", base="jlcm-nearest", only_bits=(2,)),
     # Variants and ablations of jlcm (issue: each ablation must cost quality): each vector's nearest entry instead
-    # of error-feedback assignment; one codebook per layer; joint learning (16 steps per block) on top of the
-    # recipe; learning with plain nearest re-assignment, not the proximal rule.
+    # of error-feedback assignment; k-means codebooks with feedback codes alone (no refit, no learning: the 2-bit
+    # recipe already is that); one codebook per layer; joint learning (16 steps per block) on top of the recipe;
+    # learning with plain nearest re-assignment, not the proximal rule.
     Method(
         "jlcm-nearest",
         "ours",
@@ -90,6 +91,14 @@ METHODS = [
         grid=False,
         only_bits=(2, 3),
         settings=(("stages.0.gptq", False),),
+    ),  # fmt: skip
+    Method(
+        "jlcm-kmeans-only",
+        "ours",
+        recipe="recipes/jlcm-{bits}bit.yaml",
+        grid=False,
+        only_bits=(3,),
+        settings=(("stages.0.refit_rounds", 0), ("stages.0.steps", 0)),
     ),  # fmt: skip
     Method(
         "jlcm-no-grouping",
