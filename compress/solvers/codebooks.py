@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from compress.formats.codebook import squared_distances
+from compress.solvers.gptq import damped_hessian
 
 
 def row_features(weight: torch.Tensor, count: int = 16) -> torch.Tensor:
@@ -168,11 +169,7 @@ def refit_codebooks(
     weight = weight.float()
     out_features, in_features = weight.shape
     num_groups, entries, d = codebooks.shape
-    hessian = hessian.float().clone()
-    diagonal = torch.diag(hessian)
-    dead = diagonal == 0
-    hessian[dead, dead] = 1.0
-    hessian += damping * float(diagonal.mean()) * torch.eye(in_features, dtype=hessian.dtype, device=hessian.device)
+    hessian, _ = damped_hessian(hessian.float(), damping)
     coded_index = coded.nonzero(as_tuple=True)[0]
     kept_index = (~coded).nonzero(as_tuple=True)[0]
     schur, elimination = hessian[coded_index][:, coded_index], None
@@ -192,14 +189,13 @@ def refit_codebooks(
         return total.index_add_(0, slots, full.reshape(-1, d)).view(num_groups, entries, d)
 
     entries_now = codebooks.detach().float().clone()
-    row_scale = torch.ones(out_features) if scales is None else scales.detach().float().clone()
+    row_scale = torch.ones(out_features, device=weight.device) if scales is None else scales.detach().float().clone()
 
     def normal(c: torch.Tensor, square: torch.Tensor) -> torch.Tensor:  # the least squares' normal operator
         return gather((square * decoded(c)) @ schur)
 
     for _ in range(rounds):
         square = row_scale.pow(2).unsqueeze(1)
-
         residual = gather((row_scale.unsqueeze(1) * target) @ schur) - normal(entries_now, square)
         direction, norm = residual.clone(), float(residual.pow(2).sum())
         for _ in range(iterations):

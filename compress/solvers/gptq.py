@@ -27,12 +27,19 @@ class HessianAccumulator:
         self.count = total
 
 
-def damped_inverse_factor(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of `(H + damping * mean(diag H) I)^-1`, and the mask of dead inputs (zero diagonal)."""
+def damped_hessian(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`H + damping * mean(diag H) I` with dead inputs (zero diagonal) given a diagonal of 1, and their mask."""
     hessian = hessian.clone()
     dead = torch.diag(hessian) == 0
     hessian[dead, dead] = 1.0
-    hessian += damping * torch.mean(torch.diag(hessian)) * torch.eye(len(hessian), dtype=hessian.dtype)
+    identity = torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
+    hessian += damping * torch.mean(torch.diag(hessian)) * identity
+    return hessian, dead
+
+
+def damped_inverse_factor(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of the damped `H^-1` (`damped_hessian`), and the mask of dead inputs."""
+    hessian, dead = damped_hessian(hessian, damping)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
     return torch.linalg.cholesky(inverse, upper=True), dead
 
