@@ -235,6 +235,11 @@ class CodebookLinear(QuantizedLinear):
             return weight
         return weight[self.inverse_permutation()]
 
+    def stored_order(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight [out, ...]` in original row order, rearranged into stored row order (itself without a
+        permutation)."""
+        return weight if self.permutation is None else weight[self.permutation.to(torch.int64)]
+
     def inverse_permutation(self) -> torch.Tensor:
         order = self.permutation.to(torch.int64)
         inverse = torch.empty_like(order)
@@ -245,11 +250,8 @@ class CodebookLinear(QuantizedLinear):
         """Nearest entry for every vector of `weight` (original row order) in its row's codebook, with the row scales
         kept; where `mask` is given, only vectors holding at least one true element change. Kept columns keep their
         weights and do not count in the distance."""
-        weight = weight.detach().float()
-        if self.permutation is not None:
-            order = self.permutation.to(torch.int64)
-            weight = weight[order]
-            mask = None if mask is None else mask[order]
+        weight = self.stored_order(weight.detach().float())
+        mask = None if mask is None else self.stored_order(mask)
         if self.scales is not None:
             scales = self.scales.detach().unsqueeze(1)
             weight = torch.where(scales != 0, weight / torch.where(scales != 0, scales, 1.0), 0.0)

@@ -39,12 +39,12 @@ class LatentCodebookLinear(nn.Module):
         scales = layer.scales.detach() if layer.scales is not None else torch.ones(layer.out_features)
         self.register_buffer("base_scales", scales.clone())
         self.log_scales = nn.Parameter(torch.zeros_like(scales), requires_grad=layer.scales is not None)
-        order = layer.permutation.to(torch.int64) if layer.permutation is not None else None
-        stored = target.detach().float() if order is None else target.detach().float()[order]
+        stored = layer.stored_order(target.detach().float())
         self.latent = nn.Parameter(stored / torch.where(scales != 0, scales, 1.0).unsqueeze(1))
         self.register_buffer("mapping", layer.unpacked_codes().clone())
         self.register_buffer("groups", layer.row_groups())
-        self.register_buffer("inverse", layer.inverse_permutation() if order is not None else torch.empty(0))
+        inverse = layer.inverse_permutation() if layer.permutation is not None else torch.empty(0)
+        self.register_buffer("inverse", inverse)
         d = layer.vector_dim
         weights = sensitivity.float() * layer.coded_mask()  # kept columns are not coded: no weight in assignments
         self.register_buffer("weights", weights.reshape(1, -1, d).expand(layer.out_features, -1, -1))

@@ -139,14 +139,12 @@ def compress_block(block, index: int, name: str, inputs, config: JlcmConfig, con
         sensitivity[relative] = input_sensitivity(hessian)
         kept = kept_columns(sensitivity[relative], config.outlier_threshold, config.max_kept_columns)
         layers[relative] = initial_layer(weight, linear.bias, sensitivity[relative], config, generator, kept)
-        for round_ in range(config.refit_rounds + 1):
-            if round_:
-                refit_layer(layers[relative], weight, hessian, config.damping)
-            if config.gptq and round_ < max(config.refit_rounds, 1):
-                codes, kept_values = gptq_codes(layers[relative], weight, hessian, config.damping)
-                layers[relative].set_codes(codes)
-                if kept_values is not None:
-                    layers[relative].column_weights.data.copy_(kept_values)
+        if config.gptq:
+            assign_codes(layers[relative], weight, hessian, config.damping)
+        for round_ in range(config.refit_rounds):
+            refit_layer(layers[relative], weight, hessian, config.damping)
+            if config.gptq and round_ < config.refit_rounds - 1:
+                assign_codes(layers[relative], weight, hessian, config.damping)
         replace_module(block, relative, layers[relative])
     try:
         losses, moves = (
@@ -206,9 +204,7 @@ def gptq_codes(
     permutation, chosen left to right with error feedback (`gptq_round_vectors`). Kept columns are not quantized:
     they take the value the feedback has brought them to (as SpQR keeps its outliers), returned as the layer's new
     `column_weights` (None without kept columns)."""
-    weight = weight.float()
-    if layer.permutation is not None:
-        weight = weight[layer.permutation.to(torch.int64)]
+    weight = layer.stored_order(weight.float())
     if layer.scales is not None:
         scales = layer.scales.detach().unsqueeze(1)
         weight = torch.where(scales != 0, weight / torch.where(scales != 0, scales, 1.0), 0.0)
@@ -234,14 +230,19 @@ def gptq_codes(
     return codes, values * (layer.scales.detach().unsqueeze(1) if layer.scales is not None else 1.0)
 
 
+def assign_codes(layer: CodebookLinear, weight: torch.Tensor, hessian: torch.Tensor, damping: float) -> None:
+    """The layer's codes (and kept columns) by error-feedback assignment (`gptq_codes`)."""
+    codes, kept_values = gptq_codes(layer, weight, hessian, damping)
+    layer.set_codes(codes)
+    if kept_values is not None:
+        layer.column_weights.data.copy_(kept_values)
+
+
 def refit_layer(layer: CodebookLinear, weight: torch.Tensor, hessian: torch.Tensor, damping: float) -> None:
     """The layer's codebooks, row scales and kept columns refitted to its output error, codes fixed
     (`refit_codebooks`); `weight` in original row order."""
-    weight = weight.float()
-    if layer.permutation is not None:
-        weight = weight[layer.permutation.to(torch.int64)]
     codebooks, scales, kept = refit_codebooks(
-        weight, layer.unpacked_codes(), layer.row_groups(), layer.codebooks, layer.scales,
+        layer.stored_order(weight.float()), layer.unpacked_codes(), layer.row_groups(), layer.codebooks, layer.scales,
         layer.coded_mask().bool(), hessian, damping,
     )  # fmt: skip
     layer.codebooks.data.copy_(codebooks)
