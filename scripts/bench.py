@@ -82,8 +82,9 @@ METHODS = [
     Method("jlcm-nearest+pv", "ours", recipe="recipes/pv-tune.yaml", base="jlcm-nearest", only_bits=(2,)),
     # Variants and ablations of jlcm (issue: each ablation must cost quality): each vector's nearest entry instead
     # of error-feedback assignment; k-means codebooks with feedback codes alone (no refit, no learning: the 2-bit
-    # recipe already is that); one codebook per layer; joint learning (16 steps per block) on top of the recipe;
-    # learning with plain nearest re-assignment, not the proximal rule.
+    # recipe already is that); the same code width for every layer (no `layer_code_bits`); one codebook per layer;
+    # joint learning (16 steps per block) on top of the recipe; learning with plain nearest re-assignment, not the
+    # proximal rule.
     Method(
         "jlcm-nearest",
         "ours",
@@ -99,6 +100,14 @@ METHODS = [
         grid=False,
         only_bits=(3,),
         settings=(("stages.0.refit_rounds", 0), ("stages.0.steps", 0)),
+    ),  # fmt: skip
+    Method(
+        "jlcm-uniform",
+        "ours",
+        recipe="recipes/jlcm-{bits}bit.yaml",
+        grid=False,
+        only_bits=(3,),
+        settings=(("stages.0.layer_code_bits", {}),),
     ),  # fmt: skip
     Method(
         "jlcm-no-grouping",

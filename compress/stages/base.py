@@ -46,6 +46,13 @@ def selected_layers(model: nn.Module, selection: LayerSelection) -> dict[str, tu
     }
 
 
+def block_linears(block: nn.Module, name: str, selection: LayerSelection) -> dict[str, nn.Module]:
+    """The linears of block `name` that `selection` picks, keyed by their name inside the block; `ignore` is matched
+    against full names (`name` + "." + the name inside), as in `selected_layers`."""
+    found = find_linears(block, selection.targets, selection.ignore, prefix=name)
+    return {full[len(name) + 1 :]: linear for full, linear in found.items()}
+
+
 def group_size_problems(config, layers: dict[str, tuple[int, int]]) -> list[tuple[str, str]]:
     """A `check` for stages with a `group_size`: it must divide the input features of every selected layer."""
     group_size = getattr(config, "group_size", None)

@@ -22,26 +22,32 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from compress.calib import run_collecting
 from compress.errors import CompressError, NumericError
 from compress.formats.codebook import CodebookLinear, nearest_entries
-from compress.models import dense_weight, find_linears, replace_module
+from compress.models import dense_weight, replace_module
 from compress.registry import STAGES, register_block_stage
 from compress.solvers.codebook_learning import MappingRule, learn_block
 from compress.solvers.codebooks import balanced_groups, refit_codebooks, row_features, weighted_kmeans
 from compress.solvers.gptq import HessianAccumulator, gptq_round_vectors
-from compress.stages.base import LayerSelection, check_finite, relative_error
+from compress.stages.base import LayerSelection, block_linears, check_finite, relative_error
 
 log = logging.getLogger(__name__)
 
 
 class JlcmConfig(LayerSelection):
     code_bits: int = Field(8, ge=1, le=8, description="bits per code: each codebook has 2**code_bits entries")
+    layer_code_bits: dict[str, int] = Field(
+        default_factory=dict,
+        description="regexes of full layer names -> code_bits for the layers they match (the first match wins; the "
+        "rest take code_bits): more bits where the error costs most, e.g. {'k_proj|v_proj': 8}",
+    )
     vector_dim: int = Field(4, ge=1, le=16, description="weights per code; code_bits / vector_dim bits per weight")
     rows_per_group: int = Field(
         192, ge=1, description="output neurons per codebook (about: groups are equal, so their count divides the rows)"
@@ -95,19 +101,46 @@ class JlcmConfig(LayerSelection):
     penalty: float = Field(0.1, ge=0.0, description="proximal rule: cost per squared distance of a move")
     reassign_every: int = Field(4, ge=1, description="steps between mapping updates")
 
+    @field_validator("layer_code_bits")
+    @classmethod
+    def _patterns_and_bits(cls, mapping: dict[str, int]) -> dict[str, int]:
+        for pattern, bits in mapping.items():
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from error
+            if not 1 <= bits <= 8:
+                raise ValueError(f"{pattern!r}: code_bits {bits} is outside 1..8")
+        return mapping
+
+    def for_layer(self, full_name: str) -> JlcmConfig:
+        """This config with the code_bits of `layer_code_bits`'s first pattern that matches `full_name`."""
+        for pattern, bits in self.layer_code_bits.items():
+            if re.search(pattern, full_name):
+                return self.model_copy(update={"code_bits": bits})
+        return self
+
     def mapping_rule(self) -> MappingRule:
-        if not self.proximal:
-            return MappingRule(neighbours=1 << self.code_bits, penalty=0.0, reassign_every=self.reassign_every)
+        if not self.proximal:  # every entry of the largest codebook (the count is capped at each codebook's size)
+            entries = 1 << max([self.code_bits, *self.layer_code_bits.values()])
+            return MappingRule(neighbours=entries, penalty=0.0, reassign_every=self.reassign_every)
         return MappingRule(self.neighbours, self.penalty, self.reassign_every)
 
 
 def shape_problems(config: JlcmConfig, layers: dict[str, tuple[int, int]]) -> list[tuple[str, str]]:
-    """`vector_dim` must divide every selected layer's input features."""
+    """`vector_dim` must divide every selected layer's input features; each `layer_code_bits` pattern must match a
+    selected layer (a pattern that matches none is a typo that would silently leave the bits unchanged)."""
+    problems = []
     misfits = [f"{name} ({shape[1]})" for name, shape in layers.items() if shape[1] % config.vector_dim]
-    if not misfits:
-        return []
-    more = f" and {len(misfits) - 3} more" if len(misfits) > 3 else ""
-    return [("vector_dim", f"{config.vector_dim} does not divide the input features of {', '.join(misfits[:3])}{more}")]
+    if misfits:
+        more = f" and {len(misfits) - 3} more" if len(misfits) > 3 else ""
+        problems.append(
+            ("vector_dim", f"{config.vector_dim} does not divide the input features of {', '.join(misfits[:3])}{more}")
+        )
+    for pattern in config.layer_code_bits:
+        if layers and not any(re.search(pattern, name) for name in layers):
+            problems.append(("layer_code_bits", f"{pattern!r} matches no selected layer"))
+    return problems
 
 
 def group_count(out_features: int, rows_per_group: int) -> int:
@@ -120,7 +153,7 @@ def group_count(out_features: int, rows_per_group: int) -> int:
 @register_block_stage("jlcm", JlcmConfig, calibration_batch=lambda config: config.batch_size, quantizes=True,
                       check=shape_problems)  # fmt: skip
 def compress_block(block, index: int, name: str, inputs, config: JlcmConfig, context) -> dict | None:
-    linears = find_linears(block, config.targets, config.ignore)
+    linears = block_linears(block, name, config)
     if not linears:
         return None
     generator = torch.Generator().manual_seed(context.recipe.seed + index)
@@ -138,7 +171,8 @@ def compress_block(block, index: int, name: str, inputs, config: JlcmConfig, con
         hessian = hessians[relative].hessian
         sensitivity[relative] = input_sensitivity(hessian)
         kept = kept_columns(sensitivity[relative], config.outlier_threshold, config.max_kept_columns)
-        layers[relative] = initial_layer(weight, linear.bias, sensitivity[relative], config, generator, kept)
+        layer_config = config.for_layer(f"{name}.{relative}")
+        layers[relative] = initial_layer(weight, linear.bias, sensitivity[relative], layer_config, generator, kept)
         if config.gptq:
             assign_codes(layers[relative], weight, hessian, config.damping)
         for round_ in range(config.refit_rounds):
@@ -303,7 +337,7 @@ def initial_layer(
 
 
 def _check_shape(name: str, weight: torch.Tensor, config: JlcmConfig) -> None:
-    problems = shape_problems(config, {name: tuple(weight.shape)})
+    problems = [item for item in shape_problems(config, {name: tuple(weight.shape)}) if item[0] == "vector_dim"]
     if problems:
         field, problem = problems[0]
         raise CompressError(f"jlcm: {field} {problem}")

@@ -17,12 +17,12 @@ from pydantic import Field, model_validator
 from compress.calib import run_collecting
 from compress.errors import CompressError, NumericError
 from compress.formats.power import PowerLinear, nearest_codes
-from compress.models import dense_weight, find_linears, replace_module
+from compress.models import dense_weight, replace_module
 from compress.registry import STAGES, register_block_stage
 from compress.solvers.gptq import HessianAccumulator, gptq_round
 from compress.solvers.power_search import search_exponent_and_clip
 from compress.solvers.reconstruct import ReconstructionSettings, reconstruct_block
-from compress.stages.base import LayerSelection, check_finite, group_size_problems, relative_error
+from compress.stages.base import LayerSelection, block_linears, check_finite, group_size_problems, relative_error
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _calibration_batch(config: NupesConfig) -> int | None:
 @register_block_stage("nupes", NupesConfig, calibration_batch=_calibration_batch, quantizes=True,
                       check=group_size_problems)  # fmt: skip
 def compress_block(block, index: int, name: str, inputs, config: NupesConfig, context) -> dict | None:
-    linears = find_linears(block, config.targets, config.ignore)
+    linears = block_linears(block, name, config)
     if config.mode == "data-free":
         for relative, linear in linears.items():
             weight = _checked_weight(f"{name}.{relative}", linear, config)

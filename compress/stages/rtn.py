@@ -6,9 +6,9 @@ from pydantic import Field
 
 from compress.errors import CompressError
 from compress.formats.uniform import UniformLinear
-from compress.models import dense_weight, find_linears, replace_module
+from compress.models import dense_weight, replace_module
 from compress.registry import STAGES, register_block_stage
-from compress.stages.base import LayerSelection, check_finite, group_size_problems, relative_error
+from compress.stages.base import LayerSelection, block_linears, check_finite, group_size_problems, relative_error
 
 
 class RtnConfig(LayerSelection):
@@ -19,7 +19,7 @@ class RtnConfig(LayerSelection):
 @register_block_stage("rtn", RtnConfig, calibration_batch=lambda config: None, quantizes=True,
                       check=group_size_problems)  # fmt: skip
 def compress_block(block, index: int, name: str, inputs, config: RtnConfig, context) -> None:
-    for relative, linear in find_linears(block, config.targets, config.ignore).items():
+    for relative, linear in block_linears(block, name, config).items():
         full = f"{name}.{relative}"
         weight = dense_weight(linear)
         check_finite(weight, f"rtn: layer {full} weight")

@@ -3,11 +3,13 @@ import torch
 
 import compress
 from compress import pipeline
+from compress.cli import main
 from compress.errors import CompressError
 from compress.formats.codebook import CodebookLinear
 from compress.stages import jlcm
 from tests.conftest import build_model, tiny_recipe
 from tests.stages.test_nupes import Context, block_error
+from tests.test_validate import write
 
 SMALL = dict(code_bits=4, vector_dim=2, rows_per_group=16, kmeans_iterations=10)
 
@@ -225,6 +227,29 @@ def _kmeans_layers(context):
     return {n: m for n, m in model.named_modules() if isinstance(m, CodebookLinear)}
 
 
+def test_layer_code_bits_give_the_matching_layers_their_bits():
+    model, _ = run_jlcm(steps=0, layer_code_bits={r"\.(k_proj|v_proj)$": 6, r"layers\.1\..*proj$": 3, "o_proj": 5})
+    bits = {n: m.code_bits for n, m in model.named_modules() if isinstance(m, CodebookLinear)}
+    assert bits["model.layers.0.self_attn.k_proj"] == bits["model.layers.1.self_attn.v_proj"] == 6  # first match
+    assert bits["model.layers.0.self_attn.o_proj"] == 5 and bits["model.layers.1.self_attn.o_proj"] == 3
+    assert bits["model.layers.0.mlp.up_proj"] == SMALL["code_bits"] and bits["model.layers.1.mlp.up_proj"] == 3
+    first = model.model.layers[0]
+    assert first.self_attn.k_proj.codebooks.shape[1] == 64
+    assert first.self_attn.k_proj.bits_per_weight() > first.mlp.up_proj.bits_per_weight()
+
+
+def test_layer_code_bits_are_checked(model_dirs, tmp_path, capsys):
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        jlcm.JlcmConfig(layer_code_bits={"(": 4})
+    with pytest.raises(ValueError, match="code_bits 9 is outside 1..8"):
+        jlcm.JlcmConfig(layer_code_bits={"k_proj": 9})
+    stage = {"stage": "jlcm", **SMALL, "layer_code_bits": {"k_prj": 6}}
+    recipe = write(tmp_path / "r.yaml", model_dirs["llama"], [stage], tmp_path / "o")
+    assert main(["validate", str(recipe)]) == 2
+    assert "stages[0].layer_code_bits: 'k_prj' matches no selected layer" in capsys.readouterr().err
+    assert jlcm.JlcmConfig(code_bits=4, layer_code_bits={"k_proj": 6}, proximal=False).mapping_rule().neighbours == 64
+
+
 def test_a_shape_that_does_not_fit_is_named():
     with pytest.raises(Exception, match="vector_dim 3 does not divide"):
         run_jlcm(vector_dim=3, steps=0)
@@ -232,14 +257,18 @@ def test_a_shape_that_does_not_fit_is_named():
 
 def test_export_then_load_is_exact(model_dirs, tmp_path):
     out = tmp_path / "out"
-    result = pipeline.run(tiny_recipe(model_dirs["llama"], out, [{"stage": "jlcm", **SMALL, "steps": 4}]))
+    stage = {"stage": "jlcm", **SMALL, "steps": 4, "layer_code_bits": {"v_proj": 6}}  # mixed widths in one model
+    result = pipeline.run(tiny_recipe(model_dirs["llama"], out, [stage]))
     ids = torch.randint(3, 320, (2, 24))
     with torch.no_grad():
         expected = result.model(input_ids=ids).logits
         loaded = compress.load(out)
         assert torch.equal(loaded(input_ids=ids).logits, expected)
-    layers = [m for m in loaded.modules() if isinstance(m, CodebookLinear)]
-    assert layers and all(layer.permutation is not None for layer in layers if layer.num_groups > 1)
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, CodebookLinear)}
+    assert layers and all(layer.permutation is not None for layer in layers.values() if layer.num_groups > 1)
+    assert {n for n, layer in layers.items() if layer.code_bits == 6} == {
+        f"model.layers.{i}.self_attn.v_proj" for i in (0, 1)
+    }
 
 
 def test_kept_columns_export_as_format_version_3_and_load_exactly(model_dirs, tmp_path):

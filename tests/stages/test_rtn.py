@@ -56,6 +56,17 @@ def test_per_channel_and_ignore():
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
 
 
+def test_ignore_matches_full_layer_names():
+    """`ignore` is matched against full names in the stage as in `compress validate`: a pattern anchored at the
+    model's root leaves exactly that block's layers alone (it was once matched against names inside the block)."""
+    model = build_model("llama")
+    apply(model, RtnConfig(bits=4, group_size=32, ignore=[r"^model\.layers\.0\.", r"\.mlp\.up_proj$"]), Recorder())
+    first, second = model.model.layers
+    assert all(type(m) is torch.nn.Linear for m in first.modules() if m.__class__.__name__.endswith("Linear"))
+    assert isinstance(second.self_attn.q_proj, UniformLinear) and isinstance(second.mlp.down_proj, UniformLinear)
+    assert type(second.mlp.up_proj) is torch.nn.Linear
+
+
 def test_group_size_must_divide_the_row():
     with pytest.raises(CompressError, match="group_size 48 does not divide layer model.layers.0.*64"):
         apply(build_model("llama"), RtnConfig(bits=4, group_size=48), Recorder())
