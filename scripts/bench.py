@@ -83,8 +83,8 @@ METHODS = [
     # Variants and ablations of jlcm (issue: each ablation must cost quality): each vector's nearest entry instead
     # of error-feedback assignment; k-means codebooks with feedback codes alone (no refit, no learning: the 2-bit
     # recipe already is that); the same code width for every layer (no `layer_code_bits`); one codebook per layer;
-    # joint learning (16 steps per block) on top of the recipe; learning with plain nearest re-assignment, not the
-    # proximal rule.
+    # joint learning of entries, scales and mappings (16 steps per block, the default latent rate) on top of the
+    # recipe; the same learning with plain nearest re-assignment, not the proximal rule.
     Method(
         "jlcm-nearest",
         "ours",
@@ -122,16 +122,16 @@ METHODS = [
         "ours",
         recipe="recipes/jlcm-{bits}bit.yaml",
         grid=False,
-        only_bits=(2,),
-        settings=(("stages.0.steps", 16),),
+        only_bits=(2, 3),
+        settings=(("stages.0.steps", 16), ("stages.0.latent_learning_rate", 3e-3)),
     ),  # fmt: skip
     Method(
         "jlcm-no-proximal",
         "ours",
         recipe="recipes/jlcm-{bits}bit.yaml",
         grid=False,
-        only_bits=(2,),
-        settings=(("stages.0.steps", 16), ("stages.0.proximal", False)),
+        only_bits=(2, 3),
+        settings=(("stages.0.steps", 16), ("stages.0.latent_learning_rate", 3e-3), ("stages.0.proximal", False)),
     ),  # fmt: skip
     Method("llmcompressor-rtn", "llmcompressor", peer_method="rtn"),
     Method("llmcompressor-gptq", "llmcompressor", peer_method="gptq"),
