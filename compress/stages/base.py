@@ -29,12 +29,17 @@ class LayerSelection(StageConfig):
     @field_validator("ignore")
     @classmethod
     def _regexes_compile(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from error
+        check_regexes(patterns)
         return patterns
+
+
+def check_regexes(patterns) -> None:
+    """Raise ValueError naming the first of `patterns` that is not a valid regular expression."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from error
 
 
 def selected_layers(model: nn.Module, selection: LayerSelection) -> dict[str, tuple[int, int]]:

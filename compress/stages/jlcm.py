@@ -36,7 +36,7 @@ from compress.registry import STAGES, register_block_stage
 from compress.solvers.codebook_learning import MappingRule, learn_block
 from compress.solvers.codebooks import balanced_groups, refit_codebooks, row_features, weighted_kmeans
 from compress.solvers.gptq import HessianAccumulator, gptq_round_vectors
-from compress.stages.base import LayerSelection, block_linears, check_finite, relative_error
+from compress.stages.base import LayerSelection, block_linears, check_finite, check_regexes, relative_error
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,8 @@ class JlcmConfig(LayerSelection):
     @field_validator("layer_code_bits")
     @classmethod
     def _patterns_and_bits(cls, mapping: dict[str, int]) -> dict[str, int]:
+        check_regexes(mapping)
         for pattern, bits in mapping.items():
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from error
             if not 1 <= bits <= 8:
                 raise ValueError(f"{pattern!r}: code_bits {bits} is outside 1..8")
         return mapping
