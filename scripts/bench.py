@@ -81,10 +81,10 @@ METHODS = [
     ),  # fmt: skip
     Method("jlcm-nearest+pv", "ours", recipe="recipes/pv-tune.yaml", base="jlcm-nearest", only_bits=(2,)),
     # Variants and ablations of jlcm (issue: each ablation must cost quality): each vector's nearest entry instead
-    # of error-feedback assignment; k-means codebooks with feedback codes alone (no refit, no learning: the 2-bit
-    # recipe already is that); the same code width for every layer (no `layer_code_bits`); one codebook per layer;
-    # joint learning of entries, scales and mappings (16 steps per block, the default latent rate) on top of the
-    # recipe; the same learning with plain nearest re-assignment, not the proximal rule.
+    # of error-feedback assignment; k-means codebooks with feedback codes alone (no refit, no learning); the same
+    # code width for every layer (no `layer_code_bits`); one codebook per layer; joint learning of entries, scales
+    # and mappings (16 steps per block, the default latent rate) on top of the recipe; the same learning with plain
+    # nearest re-assignment, not the proximal rule.
     Method(
         "jlcm-nearest",
         "ours",
@@ -98,7 +98,7 @@ METHODS = [
         "ours",
         recipe="recipes/jlcm-{bits}bit.yaml",
         grid=False,
-        only_bits=(3,),
+        only_bits=(2, 3),
         settings=(("stages.0.refit_rounds", 0), ("stages.0.steps", 0)),
     ),  # fmt: skip
     Method(
