@@ -80,6 +80,7 @@ METHODS = [
         settings=(("stages.0.mode", "ste"),),
     ),  # fmt: skip
     Method("jlcm-nearest+pv", "ours", recipe="recipes/pv-tune.yaml", base="jlcm-nearest", only_bits=(2,)),
+    Method("jlcm-kmeans-only+pv", "ours", recipe="recipes/pv-tune.yaml", base="jlcm-kmeans-only", only_bits=(2,)),
     # Variants and ablations of jlcm (issue: each ablation must cost quality): each vector's nearest entry instead
     # of error-feedback assignment; k-means codebooks with feedback codes alone (no refit, no learning); the same
     # code width for every layer (no `layer_code_bits`); one codebook per layer; joint learning of entries, scales
