@@ -127,17 +127,19 @@ class JlcmConfig(LayerSelection):
 def shape_problems(config: JlcmConfig, layers: dict[str, tuple[int, int]]) -> list[tuple[str, str]]:
     """`vector_dim` must divide every selected layer's input features; each `layer_code_bits` pattern must match a
     selected layer (a pattern that matches none is a typo that would silently leave the bits unchanged)."""
-    problems = []
-    misfits = [f"{name} ({shape[1]})" for name, shape in layers.items() if shape[1] % config.vector_dim]
-    if misfits:
-        more = f" and {len(misfits) - 3} more" if len(misfits) > 3 else ""
-        problems.append(
-            ("vector_dim", f"{config.vector_dim} does not divide the input features of {', '.join(misfits[:3])}{more}")
-        )
+    problems = _vector_dim_problems(config, layers)
     for pattern in config.layer_code_bits:
         if layers and not any(re.search(pattern, name) for name in layers):
             problems.append(("layer_code_bits", f"{pattern!r} matches no selected layer"))
     return problems
+
+
+def _vector_dim_problems(config: JlcmConfig, layers: dict[str, tuple[int, int]]) -> list[tuple[str, str]]:
+    misfits = [f"{name} ({shape[1]})" for name, shape in layers.items() if shape[1] % config.vector_dim]
+    if not misfits:
+        return []
+    more = f" and {len(misfits) - 3} more" if len(misfits) > 3 else ""
+    return [("vector_dim", f"{config.vector_dim} does not divide the input features of {', '.join(misfits[:3])}{more}")]
 
 
 def group_count(out_features: int, rows_per_group: int) -> int:
@@ -334,7 +336,7 @@ def initial_layer(
 
 
 def _check_shape(name: str, weight: torch.Tensor, config: JlcmConfig) -> None:
-    problems = [item for item in shape_problems(config, {name: tuple(weight.shape)}) if item[0] == "vector_dim"]
+    problems = _vector_dim_problems(config, {name: tuple(weight.shape)})
     if problems:
         field, problem = problems[0]
         raise CompressError(f"jlcm: {field} {problem}")
