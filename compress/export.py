@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import struct
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from compress.errors import CompressError, NumericError
 from compress.formats.base import QuantizedLinear
 from compress.hf import QUANT_METHOD, CompressConfig, needed_version
 from compress.integrity import WEIGHTS_FILE
+from compress.ownership import check_replaceable, fresh_path, remove_checkpoint
 from compress.prune.structure import structure_record
 
 log = logging.getLogger(__name__)
@@ -29,41 +29,39 @@ FLOAT16_MAX = torch.finfo(torch.float16).max
 ROUNDING_CHUNK = 1 << 22  # elements rounded at once
 
 
-def check_destination(out: str | Path, force: bool) -> Path:
-    """Refuse early (before any heavy work) to overwrite an existing path unless `force`."""
+def check_destination(out: str | Path, force: bool, sources: tuple[Path, ...] = ()) -> Path:
+    """Refuse early (before any heavy work) an output that is an input (`sources`), the working directory, or an
+    existing path (unless `force`, and then only a checkpoint compress wrote that holds nothing else)."""
     out = Path(out)
     resolved = out.resolve()
     if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
         raise CompressError(f"output {str(out)!r} is the working directory or one above it; name a new directory")
-    if out.exists() and not force:
+    if (out.exists() or out.is_symlink()) and not force:
         raise CompressError(f"output {str(out)!r} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise CompressError(f"output {str(out)!r} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise CompressError(
-            f"output {str(out)!r} is a non-empty directory that is not a checkpoint; --force only replaces checkpoints"
-        )
+    check_replaceable(out, list(sources))
     return out
 
 
 @contextmanager
 def atomic_directory(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces `out`, on failure it is removed."""
+    """Yield a new temporary directory beside `out`; on success it replaces `out` (whose own files are deleted,
+    after checking once more that it holds nothing else), on failure it is removed."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
+    temporary = fresh_path(out.parent, f".{out.name}.partial-")
     temporary.mkdir()
     try:
         yield temporary
+        check_replaceable(out, [])
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    previous = out.parent / f".{out.name}.previous-{os.getpid()}"
+    previous = fresh_path(out.parent, f".{out.name}.previous-")
     if out.exists():
         out.rename(previous)
     temporary.rename(out)
-    shutil.rmtree(previous, ignore_errors=True)
+    if previous.exists():
+        remove_checkpoint(previous)
 
 
 def round_to_storage(model: nn.Module) -> None:

@@ -39,11 +39,15 @@ from compress.integrity import file_digests
 from compress.memory import peak_rss_bytes, reset_peak_rss
 from compress.memory_plan import plan_memory
 from compress.models import count_parameters, find_blocks, load_model, resolve_model
+from compress.ownership import refuse_unowned
 from compress.recipe import Recipe, TextSource
 from compress.registry import STAGES
 from compress.report import Report, StageRecord, environment
+from compress.run_state import KIND as RUN_STATE
 from compress.run_state import RunState, fingerprint, run_directory
 from compress.streaming import BlockStreamer, StreamedEvaluation, link_shards, load_outside, open_streamed
+from compress.train_state import KIND as TRAINING_CHECKPOINT
+from compress.train_state import training_directory
 from compress.validate import raise_problems, recipe_problems
 
 log = logging.getLogger(__name__)
@@ -127,12 +131,11 @@ def run(
     if stream:
         return _run_streamed(recipe, force=force, evaluate=evaluate, resume=resume, offload=offload)
     started = time.perf_counter()
-    out = check_destination(recipe.export.out, force)
+    out = check_output(recipe, force)
     seed_everything(recipe.seed)
     loaded = load_model(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     model = loaded.model
     context = Context(recipe=recipe, tokenizer=loaded.tokenizer, kind=loaded.kind)
-    context.offload = run_directory(out) / "activations" if offload else None
     raise_problems(recipe, recipe_problems(recipe, model)[0])
     report = Report(recipe=recipe.path, environment=environment())
     report.model = {
@@ -145,6 +148,7 @@ def run(
     # only the main process evaluates and writes.
     main_process = _is_main_process()
     state = RunState(run_directory(out), run_fingerprint(recipe), resume=resume, writer=main_process)
+    context.offload = state.scratch("activations") if offload else None
     evaluation = _Evaluation(model, loaded.kind, context) if evaluate and main_process else None
     if evaluation is not None:
         report.before = evaluation.measure(model, original=True)
@@ -196,7 +200,7 @@ def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool, 
     """`run` for a model that is never held whole: block-local stages only, blocks read from the safetensors
     shards one at a time, the checkpoint written as one shard per block."""
     started = time.perf_counter()
-    out = check_destination(recipe.export.out, force)
+    out = check_output(recipe, force)
     problems = streaming_problems(recipe)
     if problems:
         raise CompressError(f"recipe {recipe.path} cannot stream:\n  " + "\n  ".join(problems))
@@ -204,13 +208,13 @@ def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool, 
     source = resolve_model(recipe.model.name)
     model, tokenizer, kind, weights = open_streamed(source, trust_remote_code=recipe.model.trust_remote_code)
     context = Context(recipe=recipe, tokenizer=tokenizer, kind=kind)
-    context.offload = run_directory(out) / "activations" if offload else None
     raise_problems(recipe, recipe_problems(recipe, model)[0])
     report = Report(recipe=recipe.path, environment=environment())
     report.model = {"source": recipe.model.name, "architecture": type(model).__name__,
                     "parameters": count_parameters(model), "streamed": True}  # fmt: skip
     report.size["dense_fp16_bytes"] = 2 * count_parameters(model)
     state = RunState(run_directory(out), run_fingerprint(recipe, "streamed"), resume=resume)
+    context.offload = state.scratch("activations") if offload else None
     evaluation = _Evaluation(model, kind, context, speed=False) if evaluate else None
     streams = None
     if evaluation is not None:
@@ -283,6 +287,22 @@ def streaming_problems(recipe: Recipe) -> list[str]:
     if gguf is not None:
         problems.append(recipe.problem(("model",), "a GGUF file cannot stream (streaming reads safetensors shards)"))
     return problems
+
+
+def check_output(recipe: Recipe, force: bool) -> Path:
+    """The output directory, after refusing (before any heavy work) one that is an input or the user's, and any
+    run-state or training directory of its name that compress did not make."""
+    out = check_destination(recipe.export.out, force, input_paths(recipe))
+    refuse_unowned(run_directory(out), RUN_STATE)
+    for stage in dict.fromkeys(stage.name for stage in recipe.stages):
+        refuse_unowned(training_directory(out, stage), TRAINING_CHECKPOINT)
+    return out
+
+
+def input_paths(recipe: Recipe) -> tuple[Path, ...]:
+    """The local files and directories the run reads: the model and the text sources (an output must be none)."""
+    names = [recipe.model.name, recipe.data.calibration.source, recipe.data.evaluation.source]
+    return tuple(Path(name) for name in names if Path(name).exists())
 
 
 def run_fingerprint(recipe: Recipe, *extra: str) -> str:

@@ -12,6 +12,8 @@ The directory `.<out>.run/` holds:
 
 Every file is written under a temporary name and renamed into place; `state.json` is rewritten last, so whatever
 the moment of a kill, the state names only complete files. The directory is removed once the export is complete.
+It carries compress's ownership marker (compress/ownership.py): a directory of that name without it is the user's,
+and a run refuses to start rather than delete it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,13 @@ from torch import nn
 from compress.errors import CompressError
 from compress.models import find_blocks
 from compress.offload import DiskTensors, save_incrementally
+from compress.ownership import make_owned, refuse_unowned, remove_owned
 
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
 STATE_VERSION = 1
+KIND = "run state"
 
 
 def run_directory(out: str | Path) -> Path:
@@ -58,6 +61,7 @@ class RunState:
     def __init__(self, directory: Path, identity: str, *, resume: bool, writer: bool = True) -> None:
         self.directory = directory
         self.writer = writer
+        refuse_unowned(directory, KIND)
         self.state: dict[str, Any] = {"version": STATE_VERSION, "fingerprint": identity, "stages": [], "blocks_done": 0}
         found = self._read()
         if resume and found is None:
@@ -73,7 +77,11 @@ class RunState:
         elif found is not None:
             log.warning("an earlier run left its state in %s; starting over (--resume continues it)", directory)
         if self.state is not found and writer:
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_owned(directory, KIND)
+
+    def scratch(self, name: str) -> Path:
+        """A folder for temporary files of the run, inside the run state (removed with it)."""
+        return make_owned(self.directory, KIND) / name
 
     # -- what is finished --------------------------------------------------------------------------------------
     @property
@@ -196,12 +204,13 @@ class RunState:
 
     def discard(self) -> None:
         if self.writer:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            remove_owned(self.directory, KIND)
 
     def _stage(self, stage_index: int) -> Path:
         folder = self.directory / f"stage-{stage_index}"
         if self.writer:
-            folder.mkdir(parents=True, exist_ok=True)
+            make_owned(self.directory, KIND)
+            folder.mkdir(exist_ok=True)
         return folder
 
     def _read(self) -> dict[str, Any] | None:
@@ -215,7 +224,7 @@ class RunState:
         return found if isinstance(found, dict) else None
 
     def _write(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_owned(self.directory, KIND)
         path = self.directory / STATE
         temporary = path.with_name(path.name + ".partial")
         temporary.write_text(json.dumps(self.state, sort_keys=True, default=str))

@@ -1,11 +1,11 @@
 """Checkpoints of a training stage's state, so a killed run resumes where it stopped: tensors in safetensors,
-the rest in JSON, written to a temporary directory and renamed into place (a checkpoint is whole or absent)."""
+the rest in JSON, written to a temporary directory and renamed into place (a checkpoint is whole or absent). The
+directory carries compress's ownership marker: one of that name without it is the user's and is refused, never
+replaced or deleted."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,27 +13,35 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compress.errors import CompressError
+from compress.ownership import fresh_path, make_owned, refuse_unowned, remove_owned
 
 TENSORS = "state.safetensors"
 META = "state.json"
+KIND = "training checkpoint"
+
+
+def training_directory(out: str | Path, stage: str) -> Path:
+    """Where `stage` keeps its training checkpoints for the run writing `out`: `.<out>.<stage>/` beside it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.{stage}"
 
 
 def save_state(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    refuse_unowned(directory, KIND)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    temporary = directory.parent / f"{directory.name}.partial-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
+    temporary = make_owned(fresh_path(directory.parent, f"{directory.name}.partial-"), KIND)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temporary / TENSORS))
     (temporary / META).write_text(json.dumps(meta))
-    previous = directory.parent / f"{directory.name}.previous-{os.getpid()}"
+    previous = fresh_path(directory.parent, f"{directory.name}.previous-")
     if directory.exists():
         directory.rename(previous)
     temporary.rename(directory)
-    shutil.rmtree(previous, ignore_errors=True)
+    remove_owned(previous, KIND)
 
 
 def load_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """The checkpoint in `directory`, or None when there is none."""
+    refuse_unowned(directory, KIND)
     if not (directory / META).is_file() or not (directory / TENSORS).is_file():
         return None
     try:
@@ -64,4 +72,4 @@ def restore_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: di
 
 
 def discard_state(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
+    remove_owned(directory, KIND)

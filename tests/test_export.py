@@ -102,8 +102,13 @@ def test_existing_output_is_kept_unless_forced(model_dirs, tmp_path):
     with pytest.raises(CompressError, match="already exists; pass --force"):
         pipeline.run(tiny_recipe(model_dirs["llama"], out, RTN))
     assert (out / "keep.txt").read_text() == "mine"
-    pipeline.run(tiny_recipe(model_dirs["llama"], out, RTN), force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    with pytest.raises(CompressError, match=r"holds files compress did not write \(keep.txt\)"):
+        pipeline.run(tiny_recipe(model_dirs["llama"], out, RTN), force=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    before = (out / "model.safetensors").stat().st_ino
+    pipeline.run(tiny_recipe(model_dirs["llama"], out, RTN), force=True, evaluate=False)
+    assert (out / "model.safetensors").stat().st_ino != before
 
 
 def test_a_failing_export_leaves_nothing_behind(model_dirs, tmp_path, monkeypatch):

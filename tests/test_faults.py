@@ -71,7 +71,7 @@ def test_force_replaces_only_checkpoints(model_dirs, tmp_path):
     precious.mkdir()
     (precious / "thesis.txt").write_text("keep me")
     recipe = tiny_recipe(model_dirs["llama"], precious, [{"stage": "rtn", "group_size": 32}])
-    with pytest.raises(CompressError, match="not a checkpoint; --force only replaces checkpoints"):
+    with pytest.raises(CompressError, match="not a checkpoint written by compress .*; --force only"):
         pipeline.run(recipe, force=True, evaluate=False)
     assert (precious / "thesis.txt").read_text() == "keep me"
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -50,7 +49,14 @@ from compress.solvers.hesso import (
 )
 from compress.solvers.pv import next_token_nll, teacher_topk, topk_kl
 from compress.stages.base import StageConfig
-from compress.train_state import discard_state, load_state, optimizer_tensors, restore_optimizer, save_state
+from compress.train_state import (
+    discard_state,
+    load_state,
+    optimizer_tensors,
+    restore_optimizer,
+    save_state,
+    training_directory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +231,7 @@ class _Checkpoint:
     again after a crash resumes at the step after the last checkpoint and ends with the same model."""
 
     def __init__(self, context, config: HessoConfig, model, optimizer, pruner, generator, teacher, accelerator):
-        out = Path(context.recipe.export.out)
-        self.directory = out.parent / f".{out.name}.hesso"
+        self.directory = training_directory(context.recipe.export.out, "hesso")
         self.config, self.model, self.optimizer, self.pruner = config, model, optimizer, pruner
         self.generator, self.accelerator = generator, accelerator
         self.fingerprint = _fingerprint(config, model, teacher) if config.checkpoint_every else ""

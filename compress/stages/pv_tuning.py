@@ -34,7 +34,14 @@ from compress.formats.base import QuantizedLinear
 from compress.registry import register_stage
 from compress.solvers.pv import largest_changes, next_token_nll, teacher_topk, topk_kl
 from compress.stages.base import StageConfig
-from compress.train_state import discard_state, load_state, optimizer_tensors, restore_optimizer, save_state
+from compress.train_state import (
+    discard_state,
+    load_state,
+    optimizer_tensors,
+    restore_optimizer,
+    save_state,
+    training_directory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +115,7 @@ def apply(model: nn.Module, config: PvTuningConfig, context) -> None:
     trainer = _Trainer(model, layers, config, accelerator)
     generator = torch.Generator().manual_seed(config.seed)
     validation = slice(held_out, len(windows))
-    checkpoint = Path(context.recipe.export.out).parent / f".{Path(context.recipe.export.out).name}.pv_tuning"
+    checkpoint = training_directory(context.recipe.export.out, "pv_tuning")
     fingerprint = _fingerprint(trainer, config, teacher_logp)
     resumed = trainer.resume(checkpoint, fingerprint, generator)
     if resumed is None:

@@ -1,0 +1,103 @@
+"""A careless or hostile user's inputs: every case ends with exit code 2, a message naming the problem, no
+traceback, no output, no leftover run directory, and every file of the user's as it was."""
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress.cli import main
+from tests.conftest import TINY_DATA
+
+RTN = [{"stage": "rtn", "bits": 4, "group_size": 32}]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under `root` with the sha256 of its bytes (folders as 'dir')."""
+    return {
+        p.relative_to(root).as_posix(): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def recipe_file(tmp_path: Path, model: Path, out: Path, stages=RTN) -> Path:
+    path = tmp_path / "recipe.yaml"
+    raw = {"model": str(model), "data": TINY_DATA, "stages": stages, "export": {"out": str(out)}}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def refused(capsys, argv: list[str], *fragments: str) -> str:
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and "internal error" not in error
+    for fragment in fragments:
+        assert fragment in error, error
+    return error
+
+
+@pytest.fixture
+def model(model_dirs, tmp_path) -> Path:
+    """A private copy of the tiny Llama, with a file of the user's beside its weights."""
+    copy = Path(shutil.copytree(model_dirs["llama"], tmp_path / "model"))
+    (copy / "notes.md").write_text("my notes on this model")
+    return copy
+
+
+def test_force_never_replaces_a_users_directory_holding_a_config(model, tmp_path, capsys):
+    out = tmp_path / "work"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    (out / "thesis.tex").write_text("\\documentclass{article}")
+    recipe = recipe_file(tmp_path, model, out)
+    before = snapshot(tmp_path)
+    refused(capsys, ["run", str(recipe), "--force"], "not a checkpoint written by compress")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["model", "model/out", "."])
+def test_the_input_model_is_never_an_output(model, tmp_path, capsys, where):
+    out = tmp_path / where if where != "." else tmp_path
+    recipe = recipe_file(tmp_path, model, out)
+    before = snapshot(tmp_path)
+    refused(capsys, ["run", str(recipe), "--force"], "is the input model")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_checkpoint_with_a_users_file_added_is_not_replaced(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    recipe = recipe_file(tmp_path, model, out)
+    assert main(["run", str(recipe), "--no-eval"]) == 0
+    (out / "README.md").write_text("how I made this")
+    (out / "extra").mkdir()
+    (out / "extra" / "plot.png").write_bytes(b"\x89PNG")
+    before = snapshot(tmp_path)
+    refused(capsys, ["run", str(recipe), "--force"], "holds files compress did not write (README.md, extra")
+    assert snapshot(tmp_path) == before
+
+
+def test_force_replaces_a_checkpoint_of_ours_and_leaves_nothing_beside_it(model, tmp_path):
+    out = tmp_path / "out"
+    recipe = recipe_file(tmp_path, model, out)
+    assert main(["run", str(recipe), "--no-eval"]) == 0
+    (out / "config.json").write_text("{}")  # a damaged checkpoint of ours is still ours
+    assert main(["run", str(recipe), "--no-eval", "--force"]) == 0
+    assert '"quantization_config"' in (out / "config.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out", "recipe.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("name", "stages"),
+    [(".results.run", RTN), (".results.hesso", [{"stage": "hesso", "target_sparsity": 0.25}])],
+)
+def test_a_users_directory_named_like_run_state_is_refused_not_deleted(model, tmp_path, capsys, name, stages):
+    mine = tmp_path / name
+    mine.mkdir()
+    (mine / "state.json").write_text('{"mine": true}')
+    (mine / "data.csv").write_text("1,2,3")
+    recipe = recipe_file(tmp_path, model, tmp_path / "results", stages)
+    before = snapshot(tmp_path)
+    refused(capsys, ["run", str(recipe)], name, "left alone")
+    assert snapshot(tmp_path) == before
