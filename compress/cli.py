@@ -98,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
     evaluate.set_defaults(handler=_eval)
 
+    generate = commands.add_parser(
+        "generate", help="greedy text from a checkpoint or any model, with decode and prefill tokens/s at batch 1"
+    )
+    generate.add_argument("model", help="a compress checkpoint, or a hub id, directory, .gguf file or embedded alias")
+    generate.add_argument("--prompt", default="The capital of France is", help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (all of them: no stop)")
+    generate.add_argument("--no-verify", action="store_true", help="skip the sha256 check of a checkpoint's files")
+    generate.set_defaults(handler=_generate)
+
     inspect = commands.add_parser("inspect", help="per-layer format, bits per weight and error of a checkpoint")
     inspect.add_argument("checkpoint")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -170,7 +179,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from compress import data as textdata
     from compress.errors import CompressError
-    from compress.eval import directory_size, language_model_quality, quantized_bits, tokens_per_second
+    from compress.eval import decode_speed, directory_size, language_model_quality, prefill_speed, quantized_bits
     from compress.export import load
 
     model = load(args.checkpoint, verify=not args.no_verify)
@@ -187,9 +196,44 @@ def _eval(args: argparse.Namespace) -> int:
         "bits_per_weight": bits,
         "quantized_weights": weights,
         "checkpoint_bytes": directory_size(args.checkpoint),
-        "tokens_per_second": tokens_per_second(model, windows, args.batch_size),
+        "decode_tokens_per_second": decode_speed(model, windows[:1, :16])[0],
+        "prefill_tokens_per_second": prefill_speed(model, windows[:1]),
     }
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from compress.errors import CompressError
+    from compress.eval import decode_speed, prefill_speed
+    from compress.export import load
+    from compress.memory import resident_bytes
+    from compress.models import is_compress_checkpoint, load_model
+
+    if args.max_new_tokens < 1:
+        raise CompressError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if is_compress_checkpoint(args.model):
+        from transformers import AutoTokenizer
+
+        model, tokenizer = load(args.model, verify=not args.no_verify), AutoTokenizer.from_pretrained(args.model)
+    else:
+        loaded = load_model(args.model)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    if getattr(model, "generate", None) is None or model.get_output_embeddings() is None:
+        raise CompressError(f"model {args.model!r} is not a causal language model; generate needs one")
+    resident = resident_bytes()
+    prompt = tokenizer(args.prompt, return_tensors="pt").input_ids
+    if prompt.shape[1] == 0:
+        raise CompressError("--prompt is empty after tokenization")
+    decode, ids = decode_speed(model, prompt, args.max_new_tokens)
+    prefill = prefill_speed(model, torch.randint(0, len(tokenizer), (1, 512)))
+    print(tokenizer.decode(ids[0], skip_special_tokens=True))
+    print(
+        f"\ndecode {decode:.1f} tokens/s (batch 1, {args.max_new_tokens} tokens), prefill {prefill:.0f} tokens/s "
+        f"(512 tokens), resident memory {resident / 2**20:.0f} MiB after loading, {torch.get_num_threads()} threads"
+    )
     return 0
 
 

@@ -113,6 +113,29 @@ def tokens_per_second(model: nn.Module, windows: torch.Tensor, batch_size: int, 
 
 
 @torch.no_grad()
+def decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32) -> tuple[float, torch.Tensor]:
+    """Batch-1 greedy decoding, as a deployment runs it: `prompt [1, n]`, then exactly `new_tokens` tokens through
+    the KV cache. Returns the new tokens per second (after a short warm-up) and the generated ids `[1, n + new]`."""
+    settings = {"do_sample": False, "pad_token_id": 0}
+    model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **settings)
+    start = time.perf_counter()
+    ids = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
+    return (ids.shape[1] - prompt.shape[1]) / (time.perf_counter() - start), ids
+
+
+@torch.no_grad()
+def prefill_speed(model: nn.Module, ids: torch.Tensor, repeats: int = 2) -> float:
+    """Tokens per second of one batch-1 forward over `ids [1, n]` (a prompt being read), best of `repeats`."""
+    model(input_ids=ids[:, :8])
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=ids, logits_to_keep=1)
+        best = min(best, time.perf_counter() - start)
+    return ids.shape[1] / best
+
+
+@torch.no_grad()
 def masked_sentence_embeddings(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 32) -> torch.Tensor:
     """Embeddings of whole sentences as sentence-transformers makes them: each sentence tokenized with its special
     tokens, batches padded, the last hidden states mean-pooled over real tokens only, then L2-normalised

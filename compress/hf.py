@@ -56,6 +56,11 @@ class CompressQuantizer(HfQuantizer):
         structure = getattr(config, "structure", None)
         install_compressed(model, config.format_version, config.layers, structure, "checkpoint")
 
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> None:
+        from compress.runtime import prepare
+
+        prepare(model)
+
     def is_serializable(self, **kwargs) -> bool:
         return False  # export goes through compress.export, which writes the packed format
 

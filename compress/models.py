@@ -107,6 +107,20 @@ def skeleton(config, kind: str, *, trust_remote_code: bool = False) -> nn.Module
         raise CompressError(f"model config {type(config).__name__} cannot be built: {error}") from error
 
 
+def is_compress_checkpoint(name: str) -> bool:
+    """Whether `name` is a directory whose config.json carries compress's quantization_config."""
+    import json
+
+    from compress.hf import QUANT_METHOD
+
+    try:
+        config = json.loads((Path(name) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
+
+
 def load_model(name: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load `name`: an embedded alias, a `.gguf` file, a local directory or a hub id.
 
@@ -125,6 +139,9 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype: torch.dtype
         raise CompressError(f"model {name!r} could not be loaded as a transformers model: {error}") from error
     if source.gguf_file is not None:
         _forget_source_quantization(model)
+    from compress.runtime import release
+
+    release(model)  # a compress checkpoint loads for inference; the stages train float32 parameters
     model.eval()
     check_weights_finite(model, f"model {name!r}")
     log.info("loaded %s (%s, %.1fM parameters)", name, type(model).__name__, count_parameters(model) / 1e6)

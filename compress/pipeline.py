@@ -14,14 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress import __version__
+from compress import __version__, runtime
 from compress import data as textdata
 from compress.blockwise import run_stage
 from compress.errors import CompressError
 from compress.eval import (
     ReferenceCache,
+    decode_speed,
     directory_size,
     language_model_quality,
+    prefill_speed,
     quantized_bits,
     sentence_embeddings,
     tokens_per_second,
@@ -51,6 +53,8 @@ from compress.train_state import training_directory
 from compress.validate import raise_problems, recipe_problems
 
 log = logging.getLogger(__name__)
+
+DECODE_TOKENS = 32  # greedy tokens timed at batch 1 after a 16-token prompt (the report's decode speed)
 
 
 @dataclass
@@ -178,6 +182,7 @@ def run(
         state.finish_stage(asdict(record))
 
     round_to_storage(model)
+    runtime.prepare(model)  # the compressed layers compute from their codes, as the loaded checkpoint will
     if evaluation is not None:
         report.after = evaluation.measure(model, original=False)
         evaluation.close()
@@ -367,7 +372,11 @@ class _Evaluation:
                 result["embedding_cosine"] = 1.0
             else:
                 result["embedding_cosine"] = float((embeddings * self.embeddings).sum(-1).mean())
-        if self.speed:
+        if self.speed and self.kind == "causal-lm":
+            window = self.windows[:1]
+            result["decode_tokens_per_second"] = decode_speed(model, window[:, :16], DECODE_TOKENS)[0]
+            result["prefill_tokens_per_second"] = prefill_speed(model, window)
+        elif self.speed:
             result["tokens_per_second"] = tokens_per_second(model, self.windows, self.spec.batch_size)
         return result
 

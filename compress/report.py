@@ -44,9 +44,11 @@ class Report:
             rows.append(("parameters", _fmt(self.model.get("parameters")), _fmt(self.after.get("parameters"))))
         rows.append(("bits per weight (quantized layers)", "16", _fmt(self.after.get("bits_per_weight"))))
         rows.append(("size on disk", _mb(self.size.get("dense_fp16_bytes")), _mb(self.size.get("checkpoint_bytes"))))
-        rows.append(
-            ("forward tokens/s", _fmt(self.before.get("tokens_per_second")), _fmt(self.after.get("tokens_per_second")))
-        )
+        for key, label in (("decode_tokens_per_second", "decode tokens/s (batch 1)"),
+                           ("prefill_tokens_per_second", "prefill tokens/s (batch 1)"),
+                           ("tokens_per_second", "forward tokens/s")):  # fmt: skip
+            if key in self.before or key in self.after:
+                rows.append((label, _fmt(self.before.get(key)), _fmt(self.after.get(key))))
         rows.append(("wall time", "", f"{self.total.get('seconds', 0):.1f} s"))
         rows.append(("peak memory (RSS)", "", _mb(self.total.get("peak_rss_bytes"))))
         return rows

@@ -1,0 +1,57 @@
+"""Compile compress/runtime/kernels.cpp into a library of PyTorch operators (`make setup` runs this).
+
+    python -m compress.runtime.build
+
+The library is built for this machine's processor (`-march=native`) against the installed torch; a sidecar file
+records the source's digest and the torch version, and a library that no longer matches them is not loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SOURCE = HERE / "kernels.cpp"
+LIBRARY = HERE / "_kernels.so"
+STAMP = HERE / "_kernels.json"
+
+
+def identity() -> dict[str, str]:
+    """What a built library must match: the source it was built from and the torch it links against."""
+    import torch
+
+    return {"source_sha256": hashlib.sha256(SOURCE.read_bytes()).hexdigest(), "torch": torch.__version__}
+
+
+def build() -> Path:
+    import torch
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    compiler = os.environ.get("CXX", "g++")
+    abi = int(torch.compiled_with_cxx11_abi())
+    temporary = LIBRARY.with_name(LIBRARY.name + ".partial")
+    command = [
+        compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{path}" for path in include_paths()),
+        f"-I{sysconfig.get_paths()['include']}", str(SOURCE), "-o", str(temporary),
+        *(f"-L{path}" for path in library_paths()), *(f"-Wl,-rpath,{path}" for path in library_paths()),
+        "-lc10", "-ltorch_cpu", "-ltorch",
+    ]  # fmt: skip
+    subprocess.run(command, check=True)
+    os.replace(temporary, LIBRARY)
+    STAMP.write_text(json.dumps(identity(), indent=2) + "\n")
+    return LIBRARY
+
+
+if __name__ == "__main__":
+    try:
+        print(f"built {build()}")
+    except (OSError, subprocess.CalledProcessError) as error:
+        print(f"error: the CPU kernels could not be built ({error}); compressed layers will run the slower "
+              "pure-PyTorch path", file=sys.stderr)  # fmt: skip
+        sys.exit(1)

@@ -1,0 +1,415 @@
+// Inference kernels of compressed linear layers: y = x @ W^T computed from the packed codes, never from the
+// dense weight. Registered as PyTorch operators `compress::grid_linear`, `compress::codebook_linear` and
+// `compress::half_linear`; compress/runtime/kernels.py holds the pure-PyTorch reference of each, which the tests
+// compare them against.
+//
+// One driver serves every format. A format only says how to decode one row of its weight into float32
+// (`decode_row`). For a few tokens (decode) each thread decodes a row into a buffer that stays in L1 and takes
+// its dot product with every token; the row is gone before the next one. For many tokens (prefill) rows are
+// decoded a tile at a time and the tile goes through the BLAS matmul; the tile is the only dense piece.
+//
+// Packing (docs/FORMAT.md): codes are taken eight at a time along a row; eight b-bit codes form one 8b-bit
+// little-endian word written as b bytes, code i in bits [b*i, b*i + b).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kDecodeTokens = 8;  // up to this many tokens: row-by-row dot products; beyond: tiles + matmul
+constexpr int64_t kTileBytes = 1 << 19;  // a tile of decoded rows, about half a MiB of float32
+
+// The little-endian integer in bytes [p, p + Bytes).
+template <int Bytes>
+inline uint64_t load_le(const uint8_t* p) {
+  if constexpr (Bytes == 1 || Bytes == 2 || Bytes == 4 || Bytes == 8) {
+    uint64_t value = 0;
+    std::memcpy(&value, p, Bytes);  // one load (little-endian host: x86-64, aarch64)
+    return value;
+  } else {
+    constexpr int Low = Bytes > 4 ? 4 : 2;
+    return load_le<Low>(p) | (load_le<Bytes - Low>(p + Low) << (8 * Low));
+  }
+}
+
+// Unpack `count` codes of `Bits` bits from a packed row into `out` (which has room for a multiple of 8).
+template <int Bits>
+inline void unpack_row(const uint8_t* packed, int64_t count, int32_t* out) {
+  constexpr uint64_t mask = (uint64_t{1} << Bits) - 1;
+  const int64_t words = (count + 7) / 8;
+  for (int64_t w = 0; w < words; ++w) {
+    const uint64_t word = load_le<Bits>(packed + w * Bits);
+    int32_t* dst = out + 8 * w;
+    for (int i = 0; i < 8; ++i) dst[i] = static_cast<int32_t>((word >> (Bits * i)) & mask);
+  }
+}
+
+// Calls `body(std::integral_constant<int, b>{})` for the runtime width `bits` in 1..8.
+template <typename Body>
+inline auto with_bits(int64_t bits, const Body& body) {
+  switch (bits) {
+    case 1: return body(std::integral_constant<int, 1>{});
+    case 2: return body(std::integral_constant<int, 2>{});
+    case 3: return body(std::integral_constant<int, 3>{});
+    case 4: return body(std::integral_constant<int, 4>{});
+    case 5: return body(std::integral_constant<int, 5>{});
+    case 6: return body(std::integral_constant<int, 6>{});
+    case 7: return body(std::integral_constant<int, 7>{});
+    default: return body(std::integral_constant<int, 8>{});
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+#if defined(__AVX512F__)
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+  }
+  for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+  float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+#else
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+#endif
+}
+
+// y[T, out] = x[T, in] @ W^T where row r of W is produced by decode(r, float* row, int32_t* scratch).
+template <typename Decode>
+at::Tensor run_linear(const at::Tensor& x, int64_t out_features, int64_t in_features, const Decode& decode) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be [tokens, ", in_features, "]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
+  const int64_t tokens = x.size(0);
+  at::Tensor y = at::empty({tokens, out_features}, x.options());
+  if (tokens == 0 || out_features == 0) return y;
+  const float* xs = x.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  const int64_t padded = (in_features + 15) / 16 * 16;
+  if (tokens <= kDecodeTokens) {
+    at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(padded);
+      std::vector<int32_t> scratch(padded + 8);
+      for (int64_t r = begin; r < end; ++r) {
+        decode(r, row.data(), scratch.data());
+        for (int64_t t = 0; t < tokens; ++t) ys[t * out_features + r] = dot(row.data(), xs + t * in_features, in_features);
+      }
+    });
+    return y;
+  }
+  const int64_t tile_rows = std::max<int64_t>(16, kTileBytes / (4 * in_features));
+  at::Tensor tile = at::empty({std::min(tile_rows, out_features), in_features}, x.options());
+  float* tiles = tile.data_ptr<float>();
+  for (int64_t start = 0; start < out_features; start += tile_rows) {
+    const int64_t rows = std::min(tile_rows, out_features - start);
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> scratch(padded + 8);
+      for (int64_t r = begin; r < end; ++r) decode(start + r, tiles + r * in_features, scratch.data());
+    });
+    at::Tensor part = tile.narrow(0, 0, rows);
+    at::Tensor target = y.narrow(1, start, rows);
+    at::mm_out(target, x, part.t());
+  }
+  return y;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VBMI__)
+// Decode (a few tokens) for grids of at most 4 bits, no row written out. A chunk is 16 packed words (128 codes):
+// a byte permute puts one word in each 32-bit lane, and phase i takes code i of every word at once, so lane w
+// of phase i holds code 8w + i of the chunk. The input is permuted the same way once per call; level lookups,
+// group factors and products stay in registers.
+constexpr int64_t kChunk = 128;
+
+struct ChunkGroups {
+  std::vector<int64_t> first;          // first group of each chunk
+  std::vector<int32_t> count;          // groups the chunk touches (at most 16)
+  std::vector<int32_t> lane;           // [chunk][16]: the lane's group, relative to `first`
+};
+
+ChunkGroups chunk_groups(int64_t in_features, int64_t group_size, int64_t chunks) {
+  ChunkGroups out{std::vector<int64_t>(chunks), std::vector<int32_t>(chunks), std::vector<int32_t>(chunks * 16)};
+  const int64_t groups = in_features / group_size;
+  for (int64_t c = 0; c < chunks; ++c) {
+    out.first[c] = c * kChunk / group_size;
+    int32_t last = 0;
+    for (int w = 0; w < 16; ++w) {
+      const int64_t g = std::min<int64_t>((c * kChunk + 8 * w) / group_size, groups - 1) - out.first[c];
+      out.lane[c * 16 + w] = static_cast<int32_t>(g);
+      last = std::max<int32_t>(last, static_cast<int32_t>(g));
+    }
+    out.count[c] = last + 1;
+  }
+  return out;
+}
+
+std::vector<float> permuted_input(const float* x, int64_t tokens, int64_t in_features, int64_t chunks) {
+  std::vector<float> out(tokens * chunks * kChunk, 0.f);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t i = 0; i < in_features; ++i) {
+      const int64_t c = i / kChunk, within = i % kChunk;
+      out[(t * chunks + c) * kChunk + (within % 8) * 16 + within / 8] = x[t * in_features + i];
+    }
+  return out;
+}
+
+template <int Bits, int Tokens>
+void grid_gemv_rows(int64_t begin, int64_t end, const uint8_t* codes, int64_t row_bytes, const uint8_t* zs,
+                    const float* fs, const float* ts, int64_t table_stride, int64_t groups, int64_t in_features,
+                    const float* xp, int64_t chunks, const ChunkGroups& layout, float* ys, int64_t out_features) {
+  constexpr int qmax = (1 << Bits) - 1;
+  constexpr int Partials = Tokens == 1 ? 4 : (Tokens <= 4 ? 2 : 1);
+  const int64_t words = (in_features + 7) / 8;
+  alignas(64) int8_t spread[64];
+  __mmask64 keep = 0;
+  for (int w = 0; w < 16; ++w)
+    for (int k = 0; k < 4; ++k) {
+      spread[4 * w + k] = static_cast<int8_t>(k < Bits ? w * Bits + k : 0);
+      if (k < Bits) keep |= __mmask64{1} << (4 * w + k);
+    }
+  const __m512i spread_index = _mm512_load_si512(spread);
+  const __m512i mask = _mm512_set1_epi32(qmax);
+  const __m512i top = _mm512_set1_epi32(qmax);
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* packed = codes + r * row_bytes;
+    float padded_table[32] = {0};
+    std::memcpy(padded_table, ts + r * table_stride, sizeof(float) * (2 * qmax + 1));
+    const __m512 low = _mm512_loadu_ps(padded_table), high = _mm512_loadu_ps(padded_table + 16);
+    __m512 acc[Tokens];
+    for (int t = 0; t < Tokens; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t chunk_words = std::min<int64_t>(16, words - 16 * c);
+      const __mmask64 present = chunk_words == 16 ? ~__mmask64{0} : ((__mmask64{1} << (chunk_words * Bits)) - 1);
+      const __m512i data = _mm512_maskz_loadu_epi8(present, packed + 16 * c * Bits);
+      const __m512i lanes = _mm512_maskz_permutexvar_epi8(keep, spread_index, data);
+      // the zero points and factors of the chunk's groups, spread over the lanes that belong to them
+      const __mmask16 valid = static_cast<__mmask16>((1u << layout.count[c]) - 1);
+      const int64_t at = r * groups + layout.first[c];
+      const __m512i lane_group = _mm512_loadu_si512(layout.lane.data() + 16 * c);
+      const __m512i chunk_zeros = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, zs + at));
+      const __m512i offset = _mm512_sub_epi32(top, _mm512_permutexvar_epi32(lane_group, chunk_zeros));
+      const __m512 factor = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(valid, fs + at));
+      __m512 part[Tokens][Partials];
+      for (int t = 0; t < Tokens; ++t)
+        for (int k = 0; k < Partials; ++k) part[t][k] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        const __m512i index = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(lanes, Bits * i), mask), offset);
+        const __m512 values = _mm512_permutex2var_ps(low, index, high);
+        for (int t = 0; t < Tokens; ++t)
+          part[t][i % Partials] = _mm512_fmadd_ps(values, _mm512_loadu_ps(xp + (t * chunks + c) * kChunk + 16 * i),
+                                                  part[t][i % Partials]);
+      }
+      for (int t = 0; t < Tokens; ++t) {
+        __m512 sum = part[t][0];
+        for (int k = 1; k < Partials; ++k) sum = _mm512_add_ps(sum, part[t][k]);
+        acc[t] = _mm512_fmadd_ps(sum, factor, acc[t]);
+      }
+    }
+    for (int t = 0; t < Tokens; ++t) ys[t * out_features + r] = _mm512_reduce_add_ps(acc[t]);
+  }
+}
+
+// Returns false where the shape does not suit this path (too many tokens, groups not a multiple of 8 inputs).
+template <int Bits>
+bool grid_gemv(const at::Tensor& x, const at::Tensor& y, const uint8_t* codes, int64_t row_bytes, const uint8_t* zs,
+               const float* fs, const float* ts, int64_t table_stride, int64_t groups, int64_t group_size) {
+  const int64_t tokens = x.size(0), in_features = x.size(1), out_features = y.size(1);
+  if (tokens < 1 || tokens > kDecodeTokens || group_size % 8 != 0) return false;
+  const int64_t chunks = (in_features + kChunk - 1) / kChunk;
+  const ChunkGroups layout = chunk_groups(in_features, group_size, chunks);
+  const std::vector<float> xp = permuted_input(x.data_ptr<float>(), tokens, in_features, chunks);
+  float* ys = y.data_ptr<float>();
+  auto rows = [&](auto count) {
+    constexpr int Tokens = decltype(count)::value;
+    at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+      grid_gemv_rows<Bits, Tokens>(begin, end, codes, row_bytes, zs, fs, ts, table_stride, groups, in_features,
+                                   xp.data(), chunks, layout, ys, out_features);
+    });
+  };
+  switch (tokens) {
+    case 1: rows(std::integral_constant<int, 1>{}); break;
+    case 2: rows(std::integral_constant<int, 2>{}); break;
+    case 3: rows(std::integral_constant<int, 3>{}); break;
+    case 4: rows(std::integral_constant<int, 4>{}); break;
+    case 5: rows(std::integral_constant<int, 5>{}); break;
+    case 6: rows(std::integral_constant<int, 6>{}); break;
+    case 7: rows(std::integral_constant<int, 7>{}); break;
+    default: rows(std::integral_constant<int, 8>{});
+  }
+  return true;
+}
+#endif
+
+// Grid formats (`uniform`, `power`): w = factor[r, g] * table[tr, q - z[r, g] + qmax], where tr is 0 or r.
+at::Tensor grid_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& zeros,
+                       const at::Tensor& factors, const at::Tensor& table, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous(), "qweight must be contiguous uint8");
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous(), "zeros must be contiguous uint8");
+  TORCH_CHECK(factors.scalar_type() == at::kFloat && factors.is_contiguous(), "factors must be float32");
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.dim() == 2, "table: float32 2-D");
+  const int64_t out_features = qweight.size(0);
+  const int64_t in_features = x.size(1);
+  const int64_t qmax = (int64_t{1} << bits) - 1;
+  TORCH_CHECK(group_size > 0 && in_features % group_size == 0, "group_size must divide in_features");
+  const int64_t groups = in_features / group_size;
+  TORCH_CHECK(qweight.size(1) == (in_features + 7) / 8 * bits, "qweight row length does not match in_features");
+  TORCH_CHECK(zeros.numel() == out_features * groups && factors.numel() == out_features * groups, "zeros/factors");
+  TORCH_CHECK(table.size(1) == 2 * qmax + 1 && (table.size(0) == 1 || table.size(0) == out_features), "table");
+  const uint8_t* codes = qweight.data_ptr<uint8_t>();
+  const uint8_t* zs = zeros.data_ptr<uint8_t>();
+  const float* fs = factors.data_ptr<float>();
+  const float* ts = table.data_ptr<float>();
+  const int64_t row_bytes = qweight.size(1);
+  const int64_t table_stride = table.size(0) == 1 ? 0 : table.size(1);
+  const bool aligned = group_size % 16 == 0;
+  return with_bits(bits, [&](auto width) {
+    constexpr int Bits = decltype(width)::value;
+#if defined(__AVX512F__) && defined(__AVX512VBMI__)
+    if constexpr (Bits <= 4) {
+      TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be [tokens, ", in_features, "]");
+      TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
+      at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+      if (grid_gemv<Bits>(x, y, codes, row_bytes, zs, fs, ts, table_stride, groups, group_size)) return y;
+    }
+#endif
+    return run_linear(x, out_features, in_features, [=](int64_t r, float* row, int32_t* scratch) {
+      const uint8_t* packed = codes + r * row_bytes;
+      const float* levels = ts + r * table_stride;
+#if defined(__AVX512F__)
+      if constexpr (Bits <= 4) {
+        if (aligned) {  // 16 codes at a time: two words, each word's 8 codes shifted out of one 32-bit lane
+          float padded_table[32] = {0};
+          std::memcpy(padded_table, levels, sizeof(float) * (2 * qmax + 1));
+          const __m512 low = _mm512_loadu_ps(padded_table), high = _mm512_loadu_ps(padded_table + 16);
+          const __m512i shifts = _mm512_set_epi32(7 * Bits, 6 * Bits, 5 * Bits, 4 * Bits, 3 * Bits, 2 * Bits, Bits, 0,
+                                                  7 * Bits, 6 * Bits, 5 * Bits, 4 * Bits, 3 * Bits, 2 * Bits, Bits, 0);
+          const __m512i mask = _mm512_set1_epi32(static_cast<int>(qmax));
+          for (int64_t g = 0; g < groups; ++g) {
+            const __m512i offset = _mm512_set1_epi32(static_cast<int>(qmax - zs[r * groups + g]));
+            const __m512 factor = _mm512_set1_ps(fs[r * groups + g]);
+            for (int64_t i = g * group_size; i < (g + 1) * group_size; i += 16) {
+              const uint64_t both = load_le<2 * Bits>(packed + (i / 8) * Bits);
+              const auto first = static_cast<int>(both & ((uint64_t{1} << (8 * Bits)) - 1));
+              const auto second = static_cast<int>(both >> (8 * Bits));
+              const __m512i words = _mm512_inserti32x8(_mm512_set1_epi32(first), _mm256_set1_epi32(second), 1);
+              const __m512i index = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(words, shifts), mask), offset);
+              _mm512_storeu_ps(row + i, _mm512_mul_ps(_mm512_permutex2var_ps(low, index, high), factor));
+            }
+          }
+          return;
+        }
+      }
+#endif
+      unpack_row<Bits>(packed, in_features, scratch);
+      for (int64_t g = 0; g < groups; ++g) {
+        const float factor = fs[r * groups + g];
+        const float* shifted = levels + qmax - zs[r * groups + g];
+        for (int64_t i = g * group_size; i < (g + 1) * group_size; ++i) row[i] = factor * shifted[scratch[i]];
+      }
+    });
+  });
+}
+
+// `codebook`: row r (stored order) is scale[r] * codebooks[r / rows_per_group, codes[r, v]] for each vector v.
+template <int Dim>
+inline void gather_vectors(const int32_t* codes, const float* book, int64_t vectors, int64_t dim, float* row) {
+  const int64_t d = Dim > 0 ? Dim : dim;
+  for (int64_t v = 0; v < vectors; ++v) std::memcpy(row + v * d, book + codes[v] * d, sizeof(float) * d);
+}
+
+at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+                           const c10::optional<at::Tensor>& scales, int64_t code_bits, int64_t rows_per_group) {
+  TORCH_CHECK(code_bits >= 1 && code_bits <= 8, "code_bits must be in 1..8");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "codes must be contiguous uint8");
+  TORCH_CHECK(codebooks.scalar_type() == at::kFloat && codebooks.is_contiguous() && codebooks.dim() == 3,
+              "codebooks must be contiguous float32 [groups, entries, dim]");
+  const int64_t out_features = codes.size(0);
+  const int64_t in_features = x.size(1);
+  const int64_t dim = codebooks.size(2);
+  const int64_t entries = codebooks.size(1);
+  TORCH_CHECK(entries == (int64_t{1} << code_bits), "codebooks must have 2**code_bits entries");
+  TORCH_CHECK(in_features % dim == 0, "vector_dim must divide in_features");
+  const int64_t vectors = in_features / dim;
+  TORCH_CHECK(codes.size(1) == (vectors + 7) / 8 * code_bits, "codes row length does not match in_features");
+  TORCH_CHECK(rows_per_group > 0 && codebooks.size(0) * rows_per_group == out_features, "rows_per_group");
+  const float* ss = nullptr;
+  if (scales.has_value()) {
+    TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->numel() == out_features,
+                "scales must be float32 [out_features]");
+    ss = scales->data_ptr<float>();
+  }
+  const uint8_t* packed = codes.data_ptr<uint8_t>();
+  const float* books = codebooks.data_ptr<float>();
+  const int64_t row_bytes = codes.size(1);
+  return with_bits(code_bits, [&](auto width) {
+    constexpr int Bits = decltype(width)::value;
+    return run_linear(x, out_features, in_features, [=](int64_t r, float* row, int32_t* scratch) {
+      unpack_row<Bits>(packed + r * row_bytes, vectors, scratch);
+      const float* book = books + (r / rows_per_group) * entries * dim;
+      switch (dim) {
+        case 1: gather_vectors<1>(scratch, book, vectors, dim, row); break;
+        case 2: gather_vectors<2>(scratch, book, vectors, dim, row); break;
+        case 4: gather_vectors<4>(scratch, book, vectors, dim, row); break;
+        case 8: gather_vectors<8>(scratch, book, vectors, dim, row); break;
+        default: gather_vectors<0>(scratch, book, vectors, dim, row);
+      }
+      if (ss != nullptr) {
+        const float scale = ss[r];
+        for (int64_t i = 0; i < in_features; ++i) row[i] *= scale;
+      }
+    });
+  });
+}
+
+// A float16 weight (the output head kept as stored): rows widened to float32 as they are read.
+at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(weight.scalar_type() == at::kHalf && weight.is_contiguous() && weight.dim() == 2,
+              "weight must be contiguous float16 [out, in]");
+  const int64_t out_features = weight.size(0);
+  const int64_t in_features = weight.size(1);
+  const c10::Half* ws = weight.data_ptr<c10::Half>();
+  return run_linear(x, out_features, in_features, [=](int64_t r, float* row, int32_t*) {
+    const c10::Half* src = ws + r * in_features;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= in_features; i += 16) {
+      __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+      _mm512_storeu_ps(row + i, _mm512_cvtph_ps(half));
+    }
+#endif
+    for (; i < in_features; ++i) row[i] = static_cast<float>(src[i]);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(compress, m) {
+  m.def("grid_linear(Tensor x, Tensor qweight, Tensor zeros, Tensor factors, Tensor table, int bits, int group_size)"
+        " -> Tensor");
+  m.def("codebook_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor? scales, int code_bits, "
+        "int rows_per_group) -> Tensor");
+  m.def("half_linear(Tensor x, Tensor weight) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(compress, CPU, m) {
+  m.impl("grid_linear", &grid_linear);
+  m.impl("codebook_linear", &codebook_linear);
+  m.impl("half_linear", &half_linear);
+}

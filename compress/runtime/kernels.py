@@ -1,0 +1,104 @@
+"""The operators of kernels.cpp, loaded once, each with its pure-PyTorch reference beside it (the fallback where
+the library is not built, and what the tests hold the operators to)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+
+import torch
+
+from compress.formats.grid import grouped
+from compress.formats.packing import unpack_bits
+from compress.runtime.build import LIBRARY, STAMP, identity
+
+log = logging.getLogger(__name__)
+
+SWITCH = "COMPRESS_KERNELS"  # "0": never use the compiled operators (debugging); the reference path runs instead
+
+
+def enabled() -> bool:
+    """Whether the compiled operators are switched on and loaded."""
+    return os.environ.get(SWITCH, "1") != "0" and _load()
+
+
+@functools.cache
+def _load() -> bool:
+    if not LIBRARY.is_file():
+        log.warning("compress: the CPU kernels are not built (make setup, or python -m compress.runtime.build); "
+                    "compressed layers run the slower pure-PyTorch path")  # fmt: skip
+        return False
+    try:
+        built = json.loads(STAMP.read_text())
+    except (OSError, json.JSONDecodeError):
+        built = None
+    if built != identity():
+        log.warning("compress: the CPU kernels were built from another source or torch version; rebuild them with "
+                    "python -m compress.runtime.build (the pure-PyTorch path runs meanwhile)")  # fmt: skip
+        return False
+    torch.ops.load_library(str(LIBRARY))
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile and meta tensors: each operator returns `[tokens, out_features]`."""
+
+    @torch.library.register_fake("compress::grid_linear")
+    def _(x, qweight, zeros, factors, table, bits, group_size):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("compress::codebook_linear")
+    def _(x, codes, codebooks, scales, code_bits, rows_per_group):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+    @torch.library.register_fake("compress::half_linear")
+    def _(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def grid_linear(x, qweight, zeros, factors, table, bits: int, group_size: int) -> torch.Tensor:
+    """`x [T, in] @ W^T` with `W[r, i] = factors[r, g] * table[r or 0, q[r, i] - zeros[r, g] + 2**bits - 1]`, `g` the
+    group of input `i`; `qweight` packed codes (uint8 `[out, packed]`), `zeros` uint8 `[out * groups]`, `factors`
+    float32 `[out, groups]`, `table` float32 `[1 or out, 2**(bits + 1) - 1]`."""
+    if enabled():
+        return torch.ops.compress.grid_linear(x, qweight, zeros, factors, table, bits, group_size)
+    return grid_linear_reference(x, qweight, zeros, factors, table, bits, group_size)
+
+
+def codebook_linear(x, codes, codebooks, scales, code_bits: int, rows_per_group: int) -> torch.Tensor:
+    """`x [T, in] @ W^T` with row `r` of `W` the entries `codebooks[r // rows_per_group, codes[r, v]]` (times
+    `scales[r]` if given) for its vectors `v`; `codes` packed uint8 `[out, packed]`, `codebooks` float32 `[G, K, d]`."""
+    if enabled():
+        return torch.ops.compress.codebook_linear(x, codes, codebooks, scales, code_bits, rows_per_group)
+    return codebook_linear_reference(x, codes, codebooks, scales, code_bits, rows_per_group)
+
+
+def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x [T, in] @ weight^T` for a float16 `weight [out, in]`, in float32."""
+    if enabled():
+        return torch.ops.compress.half_linear(x, weight)
+    return x @ weight.float().t()
+
+
+def grid_linear_reference(x, qweight, zeros, factors, table, bits: int, group_size: int) -> torch.Tensor:
+    out_features, in_features = qweight.shape[0], x.shape[1]
+    qmax = (1 << bits) - 1
+    codes = unpack_bits(qweight, bits, in_features).to(torch.int64)
+    index = grouped(codes, group_size) - zeros.to(torch.int64).view(out_features, -1, 1) + qmax
+    levels = torch.gather(table.expand(out_features, -1), 1, index.reshape(out_features, in_features))
+    weight = grouped(levels, group_size) * factors.view(out_features, -1, 1)
+    return x @ weight.reshape(out_features, in_features).t()
+
+
+def codebook_linear_reference(x, codes, codebooks, scales, code_bits: int, rows_per_group: int) -> torch.Tensor:
+    out_features, in_features = codes.shape[0], x.shape[1]
+    dim = codebooks.shape[2]
+    unpacked = unpack_bits(codes, code_bits, in_features // dim).to(torch.int64)
+    groups = torch.arange(out_features, device=codes.device) // rows_per_group
+    weight = codebooks[groups.unsqueeze(1), unpacked].reshape(out_features, in_features)
+    if scales is not None:
+        weight = weight * scales.unsqueeze(1)
+    return x @ weight.t()

@@ -1,0 +1,181 @@
+"""What each compressed layer computes at inference, from its packed codes (compress/runtime/kernels.py).
+
+`prepare(model)` gives every compressed linear a kernel, chosen once by its format, and keeps the float16 output
+head (and a tied input embedding) in float16 as the checkpoint stores it. A layer's `forward` uses its kernel
+when no gradient is being recorded; training keeps `dequantize()`. A kernel derives small tables from the layer's
+parameters (unpacked zero points, per-group factors, per-exponent levels) and derives them again if those
+parameters change; the codes themselves are read where they are, packed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.formats.base import QuantizedLinear
+from compress.formats.codebook import CodebookLinear
+from compress.formats.grid import GroupedGridLinear
+from compress.formats.packing import unpack_bits
+from compress.formats.power import MIN_EXPONENT, PowerLinear
+from compress.runtime import kernels
+
+log = logging.getLogger(__name__)
+
+
+def _versions(*tensors: torch.Tensor | None) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.device.type) for t in tensors if t is not None)
+
+
+def _finish(module: QuantizedLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if module.bias is not None:
+        y = y + module.bias
+    return y.view(*x.shape[:-1], module.out_features).to(x.dtype)
+
+
+def _flat(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, module.in_features).to(torch.float32).contiguous()
+
+
+class GridKernel:
+    """`uniform` and `power`: `w = factor[r, g] * level[q - z]`. For `uniform` the levels are the integers and the
+    factor the scale; for `power`, `(q - z) s` decoded is `sign(s) |s|^(1/a) * sign(q - z) |q - z|^(1/a)`, so the
+    levels depend on the exponent alone (one table per layer, or per row for per-channel exponents)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+
+    def refresh(self, module: GroupedGridLinear) -> None:
+        qmax = (1 << module.bits) - 1
+        self.zeros = unpack_bits(module.qzeros, module.bits, module.out_features * module.num_groups).contiguous()
+        scales = module.scales.detach().float()
+        steps = torch.arange(-qmax, qmax + 1, dtype=torch.float32, device=scales.device).unsqueeze(0)
+        if isinstance(module, PowerLinear):
+            inverse = 1.0 / module.exponents.detach().float().clamp_min(MIN_EXPONENT).reshape(-1, 1)
+            self.table = (torch.sign(steps) * steps.abs().pow(inverse)).contiguous()
+            self.factors = (torch.sign(scales) * scales.abs().pow(inverse)).contiguous()
+        else:
+            self.table = steps.contiguous()
+            self.factors = scales.contiguous()
+        self.key = self.sources(module)
+
+    @staticmethod
+    def sources(module: GroupedGridLinear) -> tuple:
+        return _versions(module.scales, module.qzeros, getattr(module, "exponents", None))
+
+    def __call__(self, module: GroupedGridLinear, x: torch.Tensor) -> torch.Tensor:
+        if self.key != self.sources(module):
+            self.refresh(module)
+        y = kernels.grid_linear(_flat(module, x), module.qweight, self.zeros, self.factors, self.table,
+                                module.bits, module.group_size)  # fmt: skip
+        return _finish(module, x, y)
+
+
+class CodebookKernel:
+    """`codebook`: rows decoded from their group's codebook in stored order, then put back in the original order;
+    kept columns are left out of the coded product and added from their float16 weights."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+
+    def refresh(self, module: CodebookLinear) -> None:
+        self.codebooks = module.codebooks.detach().float().contiguous()
+        self.scales = None if module.scales is None else module.scales.detach().float().contiguous()
+        self.inverse = None if module.permutation is None else module.inverse_permutation()
+        self.columns = None if module.column_indices is None else module.column_indices.to(torch.int64)
+        self.key = self.sources(module)
+
+    @staticmethod
+    def sources(module: CodebookLinear) -> tuple:
+        return _versions(module.codebooks, module.scales, module.permutation, module.column_indices)
+
+    def __call__(self, module: CodebookLinear, x: torch.Tensor) -> torch.Tensor:
+        if self.key != self.sources(module):
+            self.refresh(module)
+        flat = _flat(module, x)
+        coded = flat if self.columns is None else flat.index_fill(1, self.columns, 0.0)
+        y = kernels.codebook_linear(coded, module.codes, self.codebooks, self.scales, module.code_bits,
+                                    module.rows_per_group)  # fmt: skip
+        if self.columns is not None:
+            y = torch.addmm(y, flat.index_select(1, self.columns), module.column_weights.detach().float().t())
+        if self.inverse is not None:
+            y = y.index_select(1, self.inverse)
+        return _finish(module, x, y)
+
+
+class HalfLinear(nn.Module):
+    """An `nn.Linear` whose weight stays float16, as the checkpoint stores it (the output head above all: at 2
+    bits it is the largest tensor a small model reads per token). Its `weight` is the same parameter as before,
+    so ties and state_dict keys are unchanged."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or self.weight.device.type != "cpu":
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = kernels.half_linear(x.reshape(-1, self.in_features).float().contiguous(), self.weight)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+KERNELS = {GroupedGridLinear: GridKernel, CodebookLinear: CodebookKernel}
+
+
+def prepare(model: nn.Module, *, half_head: bool = True) -> nn.Module:
+    """Give every compressed linear of `model` its inference kernel; with `half_head`, keep the output head (and
+    the input embedding it is tied to) in float16 when its values are float16 already (no value changes).
+    Returns `model`."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            kind = next((kernel for base, kernel in KERNELS.items() if isinstance(module, base)), None)
+            if kind is not None:
+                module.kernel = kind()
+                count += 1
+    if half_head:
+        _keep_head_in_half(model)
+    log.info("runtime: %d compressed layers use %s kernels", count, "compiled" if kernels.enabled() else "reference")
+    return model
+
+
+def _keep_head_in_half(model: nn.Module) -> None:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    if type(head) is not nn.Linear or head.weight.dtype != torch.float32 or head.weight.device.type != "cpu":
+        return
+    weight = head.weight.detach()
+    half = weight.to(torch.float16)
+    if not torch.equal(half.float(), weight):
+        return  # values that float16 cannot hold exactly: keep the head as it is
+    head.weight.data = half
+    model.set_output_embeddings(HalfLinear(head))
+    embedding = model.get_input_embeddings()
+    if embedding is not None and embedding.weight is head.weight:
+        model._half_embedding_hook = embedding.register_forward_hook(_widen)
+
+
+def _widen(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    return output.to(torch.float32)
+
+
+def release(model: nn.Module) -> nn.Module:
+    """Undo `prepare`'s float16 head (training wants float32 parameters); the layers' kernels stay, unused while
+    gradients are recorded. Returns `model`."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    if isinstance(head, HalfLinear):
+        linear = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+        head.weight.data = head.weight.data.float()
+        linear.weight, linear.bias = head.weight, head.bias
+        model.set_output_embeddings(linear)
+    hook = model.__dict__.pop("_half_embedding_hook", None)
+    if hook is not None:
+        hook.remove()
+    return model

@@ -1,0 +1,188 @@
+"""Deployment speed of compressed checkpoints against the dense model they replace, as users run them: batch-1
+greedy decode (a short prompt, then `--new-tokens` tokens through the KV cache), a 512-token prefill, and resident
+memory after loading, every model in a fresh process, one after another, with the same threads.
+
+    python scripts/bench_decode.py                 # build the checkpoints (cached), measure, write the tables
+    python scripts/bench_decode.py --table-only    # rewrite bench/decode/results.md and the README from results
+
+Speed depends on a checkpoint's format and settings, not on the values its stage learned, so the checkpoints
+here are made with each recipe's format settings and the learning switched off (`nupes` data-free, `jlcm` with
+no learning steps and no refit); the table says so. Writes bench/decode/results.json and results.md, and the
+README section between the `decode-bench:start` / `decode-bench:end` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "decode"
+CACHE = ROOT / "bench" / "cache" / "decode"
+MODEL = "smollm2-135m"
+
+# name -> (recipe, --set overrides, what the row stands for)
+CHECKPOINTS = {
+    "rtn W4 g64": ("recipes/rtn-w4.yaml", [], "uniform 4-bit, groups of 64"),
+    "nupes W4 g64": ("recipes/nupes-data-free-w4.yaml", [], "power 4-bit, groups of 64"),
+    "nupes W3 g64": ("recipes/nupes-w3.yaml", ["stages.0.mode=data-free"], "power 3-bit, groups of 64"),
+    "nupes W2 g64": ("recipes/nupes-w2.yaml", ["stages.0.mode=data-free"], "power 2-bit, groups of 64"),
+    "jlcm 2-bit": ("recipes/jlcm-2bit.yaml", ["stages.0.steps=0", "stages.0.refit_rounds=0"],
+                   "codebook 8-bit codes of 4 weights, kept columns"),
+    "jlcm 3-bit": ("recipes/jlcm-3bit.yaml", ["stages.0.steps=0", "stages.0.refit_rounds=0"],
+                   "codebook 6/7/8-bit codes of 2 weights, kept columns"),
+}  # fmt: skip
+PROMPT = "The history of the printing press begins"
+
+
+def build(name: str) -> Path:
+    recipe, overrides, _ = CHECKPOINTS[name]
+    out = CACHE / name.replace(" ", "-").lower()
+    if (out / "report.json").is_file():
+        return out
+    command = [sys.executable, "-m", "compress", "run", recipe, "--no-eval", "--out", str(out)]
+    for override in overrides:
+        command += ["--set", override]
+    print(f"building {name}: {' '.join(command[2:])}", flush=True)
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return out
+
+
+def measure(source: str, dtype: str, new_tokens: int) -> dict:
+    """In this process: load `source` (a checkpoint directory, or the embedded model in `dtype`), then time it."""
+    import torch
+
+    from compress.eval import decode_speed, prefill_speed
+    from compress.memory import resident_bytes
+    from compress.models import is_compress_checkpoint, load_model
+
+    baseline = resident_bytes()
+    start = time.perf_counter()
+    if is_compress_checkpoint(source):
+        from transformers import AutoTokenizer
+
+        from compress import load
+
+        model, tokenizer = load(source), AutoTokenizer.from_pretrained(source)
+    else:
+        loaded = load_model(source, dtype=getattr(torch, dtype))
+        model, tokenizer = loaded.model, loaded.tokenizer
+    load_seconds = time.perf_counter() - start
+    resident = resident_bytes()
+    prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
+    decode, ids = decode_speed(model, prompt, new_tokens)
+    ids_512 = torch.randint(0, len(tokenizer), (1, 512), generator=torch.Generator().manual_seed(0))
+    prefill = prefill_speed(model, ids_512)
+    return {
+        "decode_tokens_per_second": decode,
+        "prefill_tokens_per_second": prefill,
+        "load_seconds": load_seconds,
+        "baseline_rss_bytes": baseline,
+        "resident_bytes": resident,
+        "threads": torch.get_num_threads(),
+        "text": tokenizer.decode(ids[0, prompt.shape[1] :], skip_special_tokens=True)[:120],
+    }
+
+
+def run_isolated(source: str, dtype: str, new_tokens: int) -> dict:
+    command = [sys.executable, __file__, "--measure", source, "--dtype", dtype, "--new-tokens", str(new_tokens)]
+    done = subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def commit() -> str:
+    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "compress"], cwd=ROOT, capture_output=True, text=True)
+    return found.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def table(results: dict) -> str:
+    rows = results["rows"]
+    dense = next(r for r in rows if r["name"] == "dense float32")
+    lines = [
+        f"_Generated by `{results['command']}` at commit {results['commit']} on {results['date']}; "
+        f"{results['machine']}, {dense['threads']} threads, every model in a fresh process, one at a time._",
+        "",
+        "| model | format | checkpoint MiB | resident MiB (above baseline) | decode tok/s | vs fp32 | prefill tok/s "
+        "| vs fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        size = f"{row['checkpoint_bytes'] / 2**20:.1f}" if row.get("checkpoint_bytes") else "-"
+        resident = (row["resident_bytes"] - row["baseline_rss_bytes"]) / 2**20
+        decode, prefill = row["decode_tokens_per_second"], row["prefill_tokens_per_second"]
+        lines.append(
+            f"| {row['name']} | {row['format']} | {size} | {resident:.0f} | {decode:.1f} "
+            f"| {decode / dense['decode_tokens_per_second']:.2f}x | {prefill:.0f} "
+            f"| {prefill / dense['prefill_tokens_per_second']:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Decode: the prompt {PROMPT!r}, then {results['new_tokens']} greedy tokens at batch 1 (`model.generate`). "
+        "Prefill: one forward over 512 tokens at batch 1. Resident: RSS after loading minus the RSS of the same "
+        "process before loading (torch, transformers and compress imported). Compressed checkpoints are made with "
+        "each recipe's format settings and learning switched off (speed depends on the format, not the learned "
+        f"values). {results['llama_cpp']}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(markdown: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- decode-bench:start -->", "<!-- decode-bench:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        readme.write_text(head + start + "\n" + markdown + rest[rest.index(end) :])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--only", help="comma-separated checkpoint names (default: all)")
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.dtype, args.new_tokens)))
+        return 0
+    results_file = OUT / "results.json"
+    if not args.table_only:
+        names = args.only.split(",") if args.only else list(CHECKPOINTS)
+        checkpoints = {name: build(name) for name in names}
+        rows = []
+        for name, dtype in (("dense float32", "float32"), ("dense bfloat16", "bfloat16")):
+            print(f"measuring {name}", flush=True)
+            rows.append({"name": name, "format": "original", **run_isolated(MODEL, dtype, args.new_tokens)})
+        for name, directory in checkpoints.items():
+            print(f"measuring {name}", flush=True)
+            size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+            rows.append({"name": name, "format": CHECKPOINTS[name][2], "checkpoint_bytes": size,
+                         **run_isolated(str(directory), "float32", args.new_tokens)})  # fmt: skip
+        results = {
+            "command": "python scripts/bench_decode.py" + (f" --only {args.only}" if args.only else ""),
+            "commit": commit(),
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+            "new_tokens": args.new_tokens,
+            "llama_cpp": "llama.cpp (llama-cpp-python) was not measured: its native build did not fit this run.",
+            "rows": rows,
+        }
+        OUT.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
+    results = json.loads(results_file.read_text())
+    markdown = table(results)
+    (OUT / "results.md").write_text(markdown)
+    write_readme(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""A loaded checkpoint runs its compressed layers through the kernels, keeps its head in float16 as stored, and
+gives the logits of the pure-PyTorch path; `compress generate` prints text and speeds."""
+
+import pytest
+import torch
+
+from compress import load, pipeline
+from compress.cli import main
+from compress.formats.base import QuantizedLinear
+from compress.runtime import kernels, release
+from compress.runtime.layers import HalfLinear
+from tests.conftest import tiny_recipe
+
+STAGES = {
+    "uniform": [{"stage": "rtn", "bits": 3, "group_size": 32}],
+    "power": [{"stage": "nupes", "mode": "data-free", "bits": 2, "group_size": 32}],
+    "codebook": [{"stage": "jlcm", "code_bits": 6, "vector_dim": 2, "rows_per_group": 32, "steps": 0}],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(STAGES))
+def checkpoint(request, model_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param) / "out"
+    pipeline.run(tiny_recipe(model_dirs["llama"], out, STAGES[request.param]), evaluate=False)
+    return out
+
+
+def test_loaded_checkpoint_gives_the_reference_logits(checkpoint, monkeypatch):
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = load(checkpoint)
+    assert all("kernel" in vars(m) for m in model.modules() if isinstance(m, QuantizedLinear))
+    with torch.no_grad():
+        fast = model(ids).logits
+        monkeypatch.setenv(kernels.SWITCH, "0")
+        reference = model(ids).logits
+        released = release(load(checkpoint))
+        for module in released.modules():
+            vars(module).pop("kernel", None)
+        dense = released(ids).logits  # every layer through F.linear(x, dequantize()), the head in float32
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, dense, rtol=1e-4, atol=1e-4)
+    assert not isinstance(released.get_output_embeddings(), HalfLinear)
+
+
+def test_the_head_stays_float16_and_generation_runs(checkpoint):
+    model = load(checkpoint)
+    head = model.get_output_embeddings()
+    assert isinstance(head, HalfLinear) and head.weight.dtype == torch.float16
+    with torch.no_grad():
+        ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert ids.shape == (1, 8)
+
+
+def test_generate_command_prints_text_and_speeds(checkpoint, model_dirs, capsys):
+    for source in (checkpoint, model_dirs["llama"]):
+        assert main(["generate", str(source), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
+        printed = capsys.readouterr().out
+        assert "decode" in printed and "tokens/s" in printed and "prefill" in printed and "resident memory" in printed
+    assert main(["generate", str(checkpoint), "--max-new-tokens", "0"]) == 2
