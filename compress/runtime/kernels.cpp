@@ -187,9 +187,7 @@ void grid_gemv_rows(int64_t begin, int64_t end, const uint8_t* codes, int64_t ro
   const __m512i top = _mm512_set1_epi32(qmax);
   for (int64_t r = begin; r < end; ++r) {
     const uint8_t* packed = codes + r * row_bytes;
-    float padded_table[32] = {0};
-    std::memcpy(padded_table, ts + r * table_stride, sizeof(float) * (2 * qmax + 1));
-    const __m512 low = _mm512_loadu_ps(padded_table), high = _mm512_loadu_ps(padded_table + 16);
+    const __m512 low = _mm512_loadu_ps(ts + r * table_stride), high = _mm512_loadu_ps(ts + r * table_stride + 16);
     __m512 acc[Tokens];
     for (int t = 0; t < Tokens; ++t) acc[t] = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
@@ -271,13 +269,14 @@ at::Tensor grid_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const int64_t groups = in_features / group_size;
   TORCH_CHECK(qweight.size(1) == (in_features + 7) / 8 * bits, "qweight row length does not match in_features");
   TORCH_CHECK(zeros.numel() == out_features * groups && factors.numel() == out_features * groups, "zeros/factors");
-  TORCH_CHECK(table.size(1) == 2 * qmax + 1 && (table.size(0) == 1 || table.size(0) == out_features), "table");
+  TORCH_CHECK(table.size(1) >= 2 * qmax + 1 && (table.size(0) == 1 || table.size(0) == out_features), "table");
   const uint8_t* codes = qweight.data_ptr<uint8_t>();
   const uint8_t* zs = zeros.data_ptr<uint8_t>();
   const float* fs = factors.data_ptr<float>();
   const float* ts = table.data_ptr<float>();
   const int64_t row_bytes = qweight.size(1);
   const int64_t table_stride = table.size(0) == 1 ? 0 : table.size(1);
+  const int64_t table_width = table.size(1);
   const bool aligned = group_size % 16 == 0;
   return with_bits(bits, [&](auto width) {
     constexpr int Bits = decltype(width)::value;
@@ -286,7 +285,8 @@ at::Tensor grid_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
       TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be [tokens, ", in_features, "]");
       TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
       at::Tensor y = at::empty({x.size(0), out_features}, x.options());
-      if (grid_gemv<Bits>(x, y, codes, row_bytes, zs, fs, ts, table_stride, groups, group_size)) return y;
+      if (table_width >= 32 && grid_gemv<Bits>(x, y, codes, row_bytes, zs, fs, ts, table_stride, groups, group_size))
+        return y;
     }
 #endif
     return run_linear(x, out_features, in_features, [=](int64_t r, float* row, int32_t* scratch) {

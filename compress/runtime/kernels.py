@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -59,27 +60,28 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def grid_linear(x, qweight, zeros, factors, table, bits: int, group_size: int) -> torch.Tensor:
-    """`x [T, in] @ W^T` with `W[r, i] = factors[r, g] * table[r or 0, q[r, i] - zeros[r, g] + 2**bits - 1]`, `g` the
-    group of input `i`; `qweight` packed codes (uint8 `[out, packed]`), `zeros` uint8 `[out * groups]`, `factors`
-    float32 `[out, groups]`, `table` float32 `[1 or out, 2**(bits + 1) - 1]`."""
-    if enabled():
-        return torch.ops.compress.grid_linear(x, qweight, zeros, factors, table, bits, group_size)
-    return grid_linear_reference(x, qweight, zeros, factors, table, bits, group_size)
+def grid_linear_op() -> Callable[..., torch.Tensor]:
+    """`grid_linear(x, qweight, zeros, factors, table, bits, group_size) -> y`: `x [T, in] @ W^T` with
+    `W[r, i] = factors[r, g] * table[r or 0, q[r, i] - zeros[r, g] + 2**bits - 1]`, `g` the group of input `i`;
+    `qweight` packed codes (uint8 `[out, packed]`), `zeros` uint8 `[out * groups]`, `factors` float32
+    `[out, groups]`, `table` float32 `[1 or out, at least 2**(bits + 1) - 1]` (the fastest path wants at least 32
+    columns). The compiled operator where it is on, else the reference; chosen when called (once, at load)."""
+    return torch.ops.compress.grid_linear.default if enabled() else grid_linear_reference
 
 
-def codebook_linear(x, codes, codebooks, scales, code_bits: int, rows_per_group: int) -> torch.Tensor:
-    """`x [T, in] @ W^T` with row `r` of `W` the entries `codebooks[r // rows_per_group, codes[r, v]]` (times
-    `scales[r]` if given) for its vectors `v`; `codes` packed uint8 `[out, packed]`, `codebooks` float32 `[G, K, d]`."""
-    if enabled():
-        return torch.ops.compress.codebook_linear(x, codes, codebooks, scales, code_bits, rows_per_group)
-    return codebook_linear_reference(x, codes, codebooks, scales, code_bits, rows_per_group)
+def codebook_linear_op() -> Callable[..., torch.Tensor]:
+    """`codebook_linear(x, codes, codebooks, scales, code_bits, rows_per_group) -> y`: `x [T, in] @ W^T` with row
+    `r` of `W` the entries `codebooks[r // rows_per_group, codes[r, v]]` (times `scales[r]` if given) for its
+    vectors `v`; `codes` packed uint8 `[out, packed]`, `codebooks` float32 `[G, K, d]`."""
+    return torch.ops.compress.codebook_linear.default if enabled() else codebook_linear_reference
 
 
-def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x [T, in] @ weight^T` for a float16 `weight [out, in]`, in float32."""
-    if enabled():
-        return torch.ops.compress.half_linear(x, weight)
+def half_linear_op() -> Callable[..., torch.Tensor]:
+    """`half_linear(x, weight) -> y`: `x [T, in] @ weight^T` for a float16 `weight [out, in]`, in float32."""
+    return torch.ops.compress.half_linear.default if enabled() else half_linear_reference
+
+
+def half_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x @ weight.float().t()
 
 

@@ -26,17 +26,20 @@ log = logging.getLogger(__name__)
 
 
 def _versions(*tensors: torch.Tensor | None) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.device.type) for t in tensors if t is not None)
+    """What changes when a tensor is written in place (`_version`) or replaced (`data_ptr`)."""
+    return tuple(0 if t is None else (t.data_ptr(), t._version) for t in tensors)
 
 
 def _finish(module: QuantizedLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if module.bias is not None:
         y = y + module.bias
-    return y.view(*x.shape[:-1], module.out_features).to(x.dtype)
+    y = y.view(*x.shape[:-1], module.out_features)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def _flat(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, module.in_features).to(torch.float32).contiguous()
+    flat = x.reshape(-1, module.in_features)
+    return flat if flat.dtype == torch.float32 and flat.is_contiguous() else flat.float().contiguous()
 
 
 class GridKernel:
@@ -46,6 +49,7 @@ class GridKernel:
 
     def __init__(self) -> None:
         self.key: tuple | None = None
+        self.op = kernels.grid_linear_op()
 
     def refresh(self, module: GroupedGridLinear) -> None:
         qmax = (1 << module.bits) - 1
@@ -54,11 +58,13 @@ class GridKernel:
         steps = torch.arange(-qmax, qmax + 1, dtype=torch.float32, device=scales.device).unsqueeze(0)
         if isinstance(module, PowerLinear):
             inverse = 1.0 / module.exponents.detach().float().clamp_min(MIN_EXPONENT).reshape(-1, 1)
-            self.table = (torch.sign(steps) * steps.abs().pow(inverse)).contiguous()
+            table = torch.sign(steps) * steps.abs().pow(inverse)
             self.factors = (torch.sign(scales) * scales.abs().pow(inverse)).contiguous()
         else:
-            self.table = steps.contiguous()
+            table = steps
             self.factors = scales.contiguous()
+        # at least 32 columns: the kernel reads the levels of grids up to 4 bits as two registers of 16
+        self.table = F.pad(table, (0, max(0, 32 - table.shape[1]))).contiguous()
         self.key = self.sources(module)
 
     @staticmethod
@@ -68,8 +74,8 @@ class GridKernel:
     def __call__(self, module: GroupedGridLinear, x: torch.Tensor) -> torch.Tensor:
         if self.key != self.sources(module):
             self.refresh(module)
-        y = kernels.grid_linear(_flat(module, x), module.qweight, self.zeros, self.factors, self.table,
-                                module.bits, module.group_size)  # fmt: skip
+        y = self.op(_flat(module, x), module.qweight, self.zeros, self.factors, self.table, module.bits,
+                    module.group_size)  # fmt: skip
         return _finish(module, x, y)
 
 
@@ -79,6 +85,7 @@ class CodebookKernel:
 
     def __init__(self) -> None:
         self.key: tuple | None = None
+        self.op = kernels.codebook_linear_op()
 
     def refresh(self, module: CodebookLinear) -> None:
         self.codebooks = module.codebooks.detach().float().contiguous()
@@ -96,8 +103,7 @@ class CodebookKernel:
             self.refresh(module)
         flat = _flat(module, x)
         coded = flat if self.columns is None else flat.index_fill(1, self.columns, 0.0)
-        y = kernels.codebook_linear(coded, module.codes, self.codebooks, self.scales, module.code_bits,
-                                    module.rows_per_group)  # fmt: skip
+        y = self.op(coded, module.codes, self.codebooks, self.scales, module.code_bits, module.rows_per_group)
         if self.columns is not None:
             y = torch.addmm(y, flat.index_select(1, self.columns), module.column_weights.detach().float().t())
         if self.inverse is not None:
@@ -115,11 +121,12 @@ class HalfLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+        self.op = kernels.half_linear_op()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.weight.device.type != "cpu":
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        y = kernels.half_linear(x.reshape(-1, self.in_features).float().contiguous(), self.weight)
+        y = self.op(x.reshape(-1, self.in_features).float().contiguous(), self.weight)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
