@@ -114,8 +114,11 @@ at::Tensor run_linear(const at::Tensor& x, int64_t out_features, int64_t in_feat
     return y;
   }
   const int64_t tile_rows = std::max<int64_t>(16, kTileBytes / (4 * in_features));
-  at::Tensor tile = at::empty({std::min(tile_rows, out_features), in_features}, x.options());
-  float* tiles = tile.data_ptr<float>();
+  // one buffer per calling thread, kept between calls: a fresh allocation of this size costs page faults
+  thread_local std::vector<float> buffer;
+  buffer.resize(std::max<size_t>(buffer.size(), std::min(tile_rows, out_features) * in_features));
+  float* tiles = buffer.data();
+  const at::Tensor tile = at::from_blob(tiles, {std::min(tile_rows, out_features), in_features}, x.options());
   for (int64_t start = 0; start < out_features; start += tile_rows) {
     const int64_t rows = std::min(tile_rows, out_features - start);
     at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
@@ -168,12 +171,71 @@ std::vector<float> permuted_input(const float* x, int64_t tokens, int64_t in_fea
   return out;
 }
 
+// Rows `r .. r + Rows` (several rows share the input's loads and give the core independent chains).
+template <int Bits, int Tokens, int Rows>
+inline void grid_gemv_block(int64_t r, const uint8_t* codes, int64_t row_bytes, const uint8_t* zs, const float* fs,
+                            const float* ts, int64_t table_stride, int64_t groups, int64_t words, const float* xp,
+                            int64_t chunks, const ChunkGroups& layout, float* ys, int64_t out_features,
+                            __m512i spread_index, __mmask64 keep) {
+  constexpr int qmax = (1 << Bits) - 1;
+  constexpr int Partials = Tokens * Rows == 1 ? 4 : (Tokens * Rows <= 4 ? 2 : 1);
+  const __m512i mask = _mm512_set1_epi32(qmax);
+  const __m512i top = _mm512_set1_epi32(qmax);
+  __m512 low[Rows], high[Rows], acc[Rows][Tokens];
+  for (int k = 0; k < Rows; ++k) {
+    low[k] = _mm512_loadu_ps(ts + (r + k) * table_stride);
+    high[k] = _mm512_loadu_ps(ts + (r + k) * table_stride + 16);
+    for (int t = 0; t < Tokens; ++t) acc[k][t] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t chunk_words = std::min<int64_t>(16, words - 16 * c);
+    const __mmask64 present = chunk_words == 16 ? ~__mmask64{0} : ((__mmask64{1} << (chunk_words * Bits)) - 1);
+    const __mmask16 valid = static_cast<__mmask16>((1u << layout.count[c]) - 1);
+    const __m512i lane_group = _mm512_loadu_si512(layout.lane.data() + 16 * c);
+    __m512i lanes[Rows], offset[Rows];
+    __m512 factor[Rows];
+    for (int k = 0; k < Rows; ++k) {
+      const uint8_t* packed = codes + (r + k) * row_bytes + 16 * c * Bits;
+      _mm_prefetch(reinterpret_cast<const char*>(packed + 4 * Rows * row_bytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(fs + (r + k + 4 * Rows) * groups + layout.first[c]), _MM_HINT_T0);
+      lanes[k] = _mm512_maskz_permutexvar_epi8(keep, spread_index, _mm512_maskz_loadu_epi8(present, packed));
+      const int64_t at = (r + k) * groups + layout.first[c];
+      const __m512i chunk_zeros = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, zs + at));
+      offset[k] = _mm512_sub_epi32(top, _mm512_permutexvar_epi32(lane_group, chunk_zeros));
+      factor[k] = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(valid, fs + at));
+    }
+    __m512 part[Rows][Tokens][Partials];
+    for (int k = 0; k < Rows; ++k)
+      for (int t = 0; t < Tokens; ++t)
+        for (int q = 0; q < Partials; ++q) part[k][t][q] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      __m512 inputs[Tokens];
+      for (int t = 0; t < Tokens; ++t) inputs[t] = _mm512_loadu_ps(xp + (t * chunks + c) * kChunk + 16 * i);
+      for (int k = 0; k < Rows; ++k) {
+        const __m512i index =
+            _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(lanes[k], Bits * i), mask), offset[k]);
+        const __m512 values = _mm512_permutex2var_ps(low[k], index, high[k]);
+        for (int t = 0; t < Tokens; ++t)
+          part[k][t][i % Partials] = _mm512_fmadd_ps(values, inputs[t], part[k][t][i % Partials]);
+      }
+    }
+    for (int k = 0; k < Rows; ++k)
+      for (int t = 0; t < Tokens; ++t) {
+        __m512 sum = part[k][t][0];
+        for (int q = 1; q < Partials; ++q) sum = _mm512_add_ps(sum, part[k][t][q]);
+        acc[k][t] = _mm512_fmadd_ps(sum, factor[k], acc[k][t]);
+      }
+  }
+  for (int k = 0; k < Rows; ++k)
+    for (int t = 0; t < Tokens; ++t) ys[t * out_features + r + k] = _mm512_reduce_add_ps(acc[k][t]);
+}
+
 template <int Bits, int Tokens>
 void grid_gemv_rows(int64_t begin, int64_t end, const uint8_t* codes, int64_t row_bytes, const uint8_t* zs,
                     const float* fs, const float* ts, int64_t table_stride, int64_t groups, int64_t in_features,
                     const float* xp, int64_t chunks, const ChunkGroups& layout, float* ys, int64_t out_features) {
-  constexpr int qmax = (1 << Bits) - 1;
-  constexpr int Partials = Tokens == 1 ? 4 : (Tokens <= 4 ? 2 : 1);
+  constexpr int Rows = Tokens <= 2 ? 2 : 1;
   const int64_t words = (in_features + 7) / 8;
   alignas(64) int8_t spread[64];
   __mmask64 keep = 0;
@@ -183,44 +245,13 @@ void grid_gemv_rows(int64_t begin, int64_t end, const uint8_t* codes, int64_t ro
       if (k < Bits) keep |= __mmask64{1} << (4 * w + k);
     }
   const __m512i spread_index = _mm512_load_si512(spread);
-  const __m512i mask = _mm512_set1_epi32(qmax);
-  const __m512i top = _mm512_set1_epi32(qmax);
-  for (int64_t r = begin; r < end; ++r) {
-    const uint8_t* packed = codes + r * row_bytes;
-    const __m512 low = _mm512_loadu_ps(ts + r * table_stride), high = _mm512_loadu_ps(ts + r * table_stride + 16);
-    __m512 acc[Tokens];
-    for (int t = 0; t < Tokens; ++t) acc[t] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t chunk_words = std::min<int64_t>(16, words - 16 * c);
-      const __mmask64 present = chunk_words == 16 ? ~__mmask64{0} : ((__mmask64{1} << (chunk_words * Bits)) - 1);
-      const __m512i data = _mm512_maskz_loadu_epi8(present, packed + 16 * c * Bits);
-      const __m512i lanes = _mm512_maskz_permutexvar_epi8(keep, spread_index, data);
-      // the zero points and factors of the chunk's groups, spread over the lanes that belong to them
-      const __mmask16 valid = static_cast<__mmask16>((1u << layout.count[c]) - 1);
-      const int64_t at = r * groups + layout.first[c];
-      const __m512i lane_group = _mm512_loadu_si512(layout.lane.data() + 16 * c);
-      const __m512i chunk_zeros = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, zs + at));
-      const __m512i offset = _mm512_sub_epi32(top, _mm512_permutexvar_epi32(lane_group, chunk_zeros));
-      const __m512 factor = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(valid, fs + at));
-      __m512 part[Tokens][Partials];
-      for (int t = 0; t < Tokens; ++t)
-        for (int k = 0; k < Partials; ++k) part[t][k] = _mm512_setzero_ps();
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) {
-        const __m512i index = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(lanes, Bits * i), mask), offset);
-        const __m512 values = _mm512_permutex2var_ps(low, index, high);
-        for (int t = 0; t < Tokens; ++t)
-          part[t][i % Partials] = _mm512_fmadd_ps(values, _mm512_loadu_ps(xp + (t * chunks + c) * kChunk + 16 * i),
-                                                  part[t][i % Partials]);
-      }
-      for (int t = 0; t < Tokens; ++t) {
-        __m512 sum = part[t][0];
-        for (int k = 1; k < Partials; ++k) sum = _mm512_add_ps(sum, part[t][k]);
-        acc[t] = _mm512_fmadd_ps(sum, factor, acc[t]);
-      }
-    }
-    for (int t = 0; t < Tokens; ++t) ys[t * out_features + r] = _mm512_reduce_add_ps(acc[t]);
-  }
+  int64_t r = begin;
+  for (; r + Rows <= end; r += Rows)
+    grid_gemv_block<Bits, Tokens, Rows>(r, codes, row_bytes, zs, fs, ts, table_stride, groups, words, xp, chunks,
+                                        layout, ys, out_features, spread_index, keep);
+  for (; r < end; ++r)
+    grid_gemv_block<Bits, Tokens, 1>(r, codes, row_bytes, zs, fs, ts, table_stride, groups, words, xp, chunks, layout,
+                                     ys, out_features, spread_index, keep);
 }
 
 // Returns false where the shape does not suit this path (too many tokens, groups not a multiple of 8 inputs).
