@@ -247,8 +247,8 @@ def check_checkpoint(path: Path, *, verify: bool = True, trust_remote_code: bool
     try:
         json.loads((path / "config.json").read_text())
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise CompressError(f"{where}: config.json could not be read ({error})") from error
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as error:
+        raise CompressError(f"{where}: config.json could not be read ({str(error)[:300]})") from error
     model = skeleton(config, "causal-lm" if _is_causal(config) else "encoder", trust_remote_code=trust_remote_code)
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None and not install_from_config(model, config, where):

@@ -17,7 +17,7 @@ from compress.errors import CompressError
 REPORT_FILE = "report.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint: which shard holds each tensor
-MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+MAX_HEADER_BYTES = 16 * 2**20  # a header of tens of thousands of tensors takes a few MiB
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
 TORCH_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
@@ -82,15 +82,22 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
         if len(prefix) < 8:
             raise CompressError(f"{where}: too short to be a safetensors file ({size} bytes)")
         (header_bytes,) = struct.unpack("<Q", prefix)
-        if header_bytes > min(MAX_HEADER_BYTES, size - 8):
+        if header_bytes > MAX_HEADER_BYTES:
+            raise CompressError(f"{where}: a header of {header_bytes} bytes is larger than the "
+                                f"{MAX_HEADER_BYTES // 2**20} MiB compress accepts")  # fmt: skip
+        if header_bytes > size - 8:
             raise CompressError(f"{where}: header size {header_bytes} does not fit in the file ({size} bytes)")
         try:
             header = json.loads(handle.read(header_bytes).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CompressError(f"{where}: the header is not valid JSON ({error})") from error
+        except RecursionError as error:
+            raise CompressError(f"{where}: the header is nested too deeply to be a safetensors header") from error
     if not isinstance(header, dict):
         raise CompressError(f"{where}: the header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata_problem = _metadata_problem(header.pop("__metadata__", {}))
+    if metadata_problem:
+        raise CompressError(f"{where}: __metadata__ {metadata_problem}")
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     ranges = []
     for name, entry in header.items():
@@ -117,6 +124,21 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
         state = "truncated" if data_bytes < position else "longer than its tensors"
         raise CompressError(f"{where}: the file is {state} ({data_bytes} data bytes, the header describes {position})")
     return tensors
+
+
+def _metadata_problem(metadata: Any) -> str | None:
+    """What is wrong with a header's `__metadata__` (string keys and values; a format version this compress reads)."""
+    from compress.hf import QUANT_METHOD, READABLE_VERSIONS
+
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        return "must map strings to strings"
+    if metadata.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
+        return f"names quant_method {metadata['quant_method'][:100]!r}, not {QUANT_METHOD!r}"
+    version = metadata.get("format_version")
+    if version is not None and version not in {str(v) for v in READABLE_VERSIONS}:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        return f"has format_version {version[:100]!r}; this compress reads {readable}"
+    return None
 
 
 def weight_files(directory: Path) -> list[Path]:

@@ -59,6 +59,9 @@ class ModelSource:
     kind: str  # "causal-lm", "encoder", or "" until the config says
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def resolve_model(name: str) -> ModelSource:
     """Map an embedded alias, a `.gguf` file, a local directory or a hub id to where transformers reads it."""
     if not isinstance(name, str) or not name.strip():
@@ -77,6 +80,13 @@ def resolve_model(name: str) -> ModelSource:
         raise CompressError(
             f"model {name!r}: the directory has no config.json, so it is not a Hugging Face model directory"
         )
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise CompressError(
+                f"model {name!r}: its weights are only in {pickled[0]}, a pickle file; compress reads safetensors "
+                "only (a pickle can run code when loaded): convert it with a tool you trust first"
+            )
     if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise CompressError(f"model {name!r}: no such directory")
     return ModelSource(name, name, None, "")
@@ -90,7 +100,7 @@ def load_config(source: ModelSource, *, trust_remote_code: bool = False) -> tupl
         config = AutoConfig.from_pretrained(
             source.location, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         raise CompressError(f"model {source.name!r}: its config could not be read ({error})") from error
     return config, source.kind or _kind_of(config)
 

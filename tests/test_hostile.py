@@ -101,3 +101,21 @@ def test_a_users_directory_named_like_run_state_is_refused_not_deleted(model, tm
     before = snapshot(tmp_path)
     refused(capsys, ["run", str(recipe)], name, "left alone")
     assert snapshot(tmp_path) == before
+
+
+def test_a_model_directory_with_only_pickled_weights_is_refused(model, tmp_path, capsys):
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
+    recipe = recipe_file(tmp_path, model, tmp_path / "out")
+    before = snapshot(tmp_path)
+    refused(capsys, ["validate", str(recipe)], "pytorch_model.bin", "safetensors only")
+    refused(capsys, ["run", str(recipe)], "pytorch_model.bin", "safetensors only")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_config_nested_100k_deep_is_refused(model, tmp_path, capsys):
+    (model / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    recipe = recipe_file(tmp_path, model, tmp_path / "out")
+    refused(capsys, ["validate", str(recipe)], "config")
+    refused(capsys, ["run", str(recipe)], "config")
+    assert not (tmp_path / "out").exists()

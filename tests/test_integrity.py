@@ -126,7 +126,7 @@ def test_corrupt_header(copy, capsys):
     data[:8] = struct.pack("<Q", 10**12)
     (copy / WEIGHTS).write_bytes(bytes(data))
     rehash(copy)
-    refused(copy, capsys, "header size 1000000000000 does not fit")
+    refused(copy, capsys, "a header of 1000000000000 bytes is larger than the 16 MiB")
 
 
 def test_unknown_format_and_bad_settings(copy, capsys):
@@ -154,3 +154,33 @@ def test_no_record_means_no_verified_load(copy):
     with pytest.raises(CompressError, match="no report.json, so its files cannot be verified"):
         compress.load(copy)
     compress.load(copy, verify=False)
+
+
+def rewrite_header(path: Path, change) -> None:
+    """Replace the safetensors header of `path` by `change(header)` (bytes), keeping the data after it."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    new = change(json.loads(data[8 : 8 + length]))
+    path.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + length :])
+
+
+def with_metadata(metadata):
+    return lambda header: json.dumps({**header, "__metadata__": metadata}).encode()
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (with_metadata({"format": "pt", "quant_method": "compress", "format_version": "99"}), "format_version '99'"),
+        (with_metadata({"format": "pt", "quant_method": "compress", "format_version": 1}), "strings to strings"),
+        (with_metadata({"format": ["pt"]}), "strings to strings"),
+        (with_metadata({"format": "pt", "quant_method": "gptq"}), "quant_method 'gptq'"),
+        (lambda header: b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+        (lambda header: b" " * (17 * 2**20), "larger than the 16 MiB"),
+    ],
+    ids=["version-99", "int-version", "list-value", "other-method", "deep", "17MiB"],
+)
+def test_a_tampered_header_is_refused(copy, capsys, change, needle):
+    rewrite_header(copy / WEIGHTS, change)
+    rehash(copy)
+    refused(copy, capsys, needle)
