@@ -130,7 +130,8 @@ def _metadata_problem(metadata: Any) -> str | None:
     """What is wrong with a header's `__metadata__` (string keys and values; a format version this compress reads)."""
     from compress.hf import QUANT_METHOD, READABLE_VERSIONS
 
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    strings = isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    if not strings:
         return "must map strings to strings"
     if metadata.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
         return f"names quant_method {metadata['quant_method'][:100]!r}, not {QUANT_METHOD!r}"
