@@ -139,10 +139,34 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: dict[str, Any] 
         raise CompressError(f"recipe {source}: nested too deeply, or a YAML alias refers to itself") from error
 
 
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 100_000  # keys, values and list items, counted as YAML aliases expand them
+MAX_SHOWN = 200  # characters of a bad value quoted in a message
+
+
+def _expanded_size(node: yaml.Node | None, memo: dict[int, int]) -> int:
+    """How many values `node` becomes once every alias is expanded (the graph is shared, so this is linear)."""
+    if node is None:
+        return 0
+    if id(node) not in memo:
+        memo[id(node)] = 1  # a node that refers to itself is refused later, by its recursion
+        children = node.value if isinstance(node.value, list) else []
+        flat = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+        memo[id(node)] = 1 + sum(_expanded_size(child, memo) for child in flat)
+    return memo[id(node)]
+
+
 def _parse_recipe(text: str, source: str, overrides: dict[str, Any] | None) -> Recipe:
+    if len(text) > MAX_RECIPE_BYTES:
+        raise CompressError(f"recipe {source}: {len(text)} characters; a recipe may have at most {MAX_RECIPE_BYTES}")
     try:
+        node = yaml.compose(text, Loader=_Loader)
+        size = _expanded_size(node, {})
+        if size > MAX_RECIPE_VALUES:
+            raise CompressError(f"recipe {source}: expands to {size} values (YAML aliases); a recipe may hold at "
+                                f"most {MAX_RECIPE_VALUES}")  # fmt: skip
         raw = _load_yaml(text)
-        lines = _line_map(yaml.compose(text, Loader=_Loader)) if raw is not None else {}
+        lines = _line_map(node) if raw is not None else {}
     except DuplicateKey as error:
         raise CompressError(f"recipe {source}, line {error.line}: the key {error.key!r} appears twice") from error
     except yaml.YAMLError as error:
@@ -241,7 +265,9 @@ def _describe(loc: tuple, message: str, value: Any, lines: dict, source: str) ->
         if line is not None:
             break
     where = f"{source}, line {line}" if line else source
-    shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+    shown = "" if isinstance(value, dict) or value is None else repr(value)
+    shown = shown if len(shown) <= MAX_SHOWN else f"{shown[:MAX_SHOWN]}... ({len(shown)} characters)"
+    shown = f" (got {shown})" if shown else ""
     return f"{where}: {field}: {message}{shown}"
 
 

@@ -119,3 +119,26 @@ def test_a_config_nested_100k_deep_is_refused(model, tmp_path, capsys):
     refused(capsys, ["validate", str(recipe)], "config")
     refused(capsys, ["run", str(recipe)], "config")
     assert not (tmp_path / "out").exists()
+
+
+BILLION_LAUGHS = "\n".join(
+    ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]" for i in range(8)]
+    + ["stages: [{stage: rtn}]"]
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (BILLION_LAUGHS, "YAML aliases"),
+        ("stages: [{stage: rtn, bits: '" + "9" * 50_000_000 + "'}]\n", "at most 1048576"),
+        ("stages: [{stage: rtn, bits: '" + "9" * 100_000 + "'}]\n", "characters)"),
+    ],
+    ids=["billion-laughs", "50MB-value", "100k-value"],
+)
+def test_recipe_bombs_are_refused_quickly_with_a_short_message(tmp_path, capsys, text, fragment):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    error = refused(capsys, ["validate", str(path)], fragment)
+    assert len(error) < 2000
