@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import struct
 from collections.abc import Iterator
@@ -39,7 +40,44 @@ def check_destination(out: str | Path, force: bool, sources: tuple[Path, ...] = 
     if (out.exists() or out.is_symlink()) and not force:
         raise CompressError(f"output {str(out)!r} already exists; pass --force to replace it")
     check_replaceable(out, list(sources))
+    check_creatable(out, sum(_weights_bytes(source) for source in sources))
     return out
+
+
+NAME_MARGIN = 40  # characters the temporary names beside the output add to its name (`.<name>.partial-...`)
+
+
+def check_creatable(out: Path, needed_bytes: int) -> None:
+    """Refuse, before any work, an output that cannot be written: a name too long for the file system, a parent
+    that is a file or not writable, or (roughly) too little free space for `needed_bytes`."""
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CompressError(f"output {str(out)!r}: {str(ancestor)!r} is a file, so nothing can be created under it")
+    limit = os.pathconf(ancestor, "PC_NAME_MAX")
+    for part in out.relative_to(ancestor).parts:
+        if len(part.encode()) + NAME_MARGIN > limit:
+            raise CompressError(f"output {str(out)!r}: the name {part[:60]!r}... is {len(part.encode())} bytes; the "
+                                f"file system allows {limit}, and compress needs {NAME_MARGIN} more for its "
+                                "temporary names")  # fmt: skip
+    probe = fresh_path(ancestor, ".compress-probe-")
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as error:
+        message = f"output {str(out)!r}: cannot create anything in {str(ancestor)!r} ({error.strerror})"
+        raise CompressError(message) from error
+    free = shutil.disk_usage(ancestor).free
+    if needed_bytes and free < needed_bytes:
+        raise CompressError(f"output {str(out)!r}: {free / 2**20:.0f} MiB free in {str(ancestor)!r}, and the run needs "
+                            f"about {needed_bytes / 2**20:.0f} MiB (the output and its run state)")  # fmt: skip
+
+
+def _weights_bytes(source: Path) -> int:
+    """Twice the size of the weight files at `source` (the output and the run state beside it, roughly)."""
+    files = [source] if source.is_file() else [*source.glob("*.safetensors"), *source.glob("*.gguf")]
+    return 2 * sum(path.stat().st_size for path in files if path.is_file())
 
 
 @contextmanager

@@ -40,7 +40,7 @@ from compress.formats.base import QuantizedLinear
 from compress.integrity import file_digests
 from compress.memory import peak_rss_bytes, reset_peak_rss
 from compress.memory_plan import plan_memory
-from compress.models import count_parameters, find_blocks, load_model, resolve_model
+from compress.models import EMBEDDED, count_parameters, embedded_path, find_blocks, load_model, resolve_model
 from compress.ownership import refuse_unowned
 from compress.recipe import Recipe, TextSource
 from compress.registry import STAGES
@@ -307,7 +307,13 @@ def check_output(recipe: Recipe, force: bool) -> Path:
 def input_paths(recipe: Recipe) -> tuple[Path, ...]:
     """The local files and directories the run reads: the model and the text sources (an output must be none)."""
     names = [recipe.model.name, recipe.data.calibration.source, recipe.data.evaluation.source]
-    return tuple(Path(name) for name in names if Path(name).exists())
+    paths = [Path(name) for name in names if Path(name).exists()]
+    if recipe.model.name in EMBEDDED:
+        try:
+            paths.append(embedded_path(recipe.model.name))
+        except CompressError:
+            pass  # not installed: loading the model names the package
+    return tuple(paths)
 
 
 def run_fingerprint(recipe: Recipe, *extra: str) -> str:

@@ -142,3 +142,35 @@ def test_recipe_bombs_are_refused_quickly_with_a_short_message(tmp_path, capsys,
     path.write_text(text)
     error = refused(capsys, ["validate", str(path)], fragment)
     assert len(error) < 2000
+
+
+@pytest.mark.parametrize("case", ["long-name", "under-a-file", "read-only", "no-space"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(model, tmp_path, capsys, monkeypatch, case):
+    import shutil as shell
+
+    from compress import pipeline
+
+    if case == "long-name":
+        out, fragment = tmp_path / ("x" * 250), "the file system allows"
+    elif case == "under-a-file":
+        (tmp_path / "plain").write_text("a file")
+        out, fragment = tmp_path / "plain" / "out", "is a file"
+    elif case == "read-only":
+        out, fragment = tmp_path / "locked" / "out", "cannot create anything"
+        (tmp_path / "locked").mkdir()
+        real_mkdir = Path.mkdir
+
+        def refuse(self, *args, **kwargs):  # root ignores permission bits; a read-only file system does not
+            if self.parent == tmp_path / "locked":
+                raise PermissionError(13, "Read-only file system")
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", refuse)
+    else:
+        out, fragment = tmp_path / "out", "MiB free"
+        monkeypatch.setattr(shell, "disk_usage", lambda path: shell._ntuple_diskusage(10**12, 10**12 - 1024, 1024))
+    recipe = recipe_file(tmp_path, model, out)
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    before = snapshot(tmp_path)
+    refused(capsys, ["run", str(recipe)], fragment)
+    assert snapshot(tmp_path) == before
