@@ -7,6 +7,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,15 +95,59 @@ def resolve_model(name: str) -> ModelSource:
 
 def load_config(source: ModelSource, *, trust_remote_code: bool = False) -> tuple[object, str]:
     """The model's config (no weights read) and its kind."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
+    where = f"model {source.name!r}: config.json"
+    local = Path(source.location) / "config.json"
+    if source.gguf_file is None and local.is_file():
+        check_config_bounds(read_json(local, where), where)  # before transformers builds anything from it
     try:
         config = AutoConfig.from_pretrained(
             source.location, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
-        raise CompressError(f"model {source.name!r}: its config could not be read ({error})") from error
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, StrictDataclassError) as error:
+        raise CompressError(f"model {source.name!r}: its config could not be read ({str(error)[:300]})") from error
+    check_config_bounds(config.to_dict(), where)
     return config, source.kind or _kind_of(config)
+
+
+def read_json(path: Path, where: str) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CompressError(f"{where} could not be read ({str(error)[:300]})") from error
+    except RecursionError as error:
+        raise CompressError(f"{where} is nested too deeply to be a config") from error
+
+
+# Sizes a config may give (inclusive bounds), checked before anything is built from it: a meta skeleton of a
+# billion layers, or a plan for a negative width, never finishes or makes no sense.
+CONFIG_BOUNDS = {
+    "num_hidden_layers": (1, 4096), "n_layer": (1, 4096), "hidden_size": (1, 1 << 17), "n_embd": (1, 1 << 17),
+    "intermediate_size": (1, 1 << 20), "num_attention_heads": (1, 4096), "n_head": (1, 4096),
+    "num_key_value_heads": (1, 4096), "head_dim": (1, 4096), "vocab_size": (1, 1 << 24),
+    "max_position_embeddings": (1, 1 << 24),
+}  # fmt: skip
+
+
+def check_config_bounds(values: Any, where: str) -> None:
+    """Refuse a config (its JSON mapping) whose sizes are not integers within `CONFIG_BOUNDS`, or whose heads do
+    not divide its width."""
+    if not isinstance(values, dict):
+        raise CompressError(f"{where}: the top level must be a JSON object")
+    for field, (low, high) in CONFIG_BOUNDS.items():
+        value = values.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            shown = repr(value)[:100]
+            raise CompressError(f"{where}: {field} is {shown}; expected an integer from {low} to {high}")
+    heads, width = values.get("num_attention_heads"), values.get("hidden_size")
+    if heads and width and values.get("head_dim") is None and width % heads:
+        raise CompressError(f"{where}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
 
 
 def skeleton(config, kind: str, *, trust_remote_code: bool = False) -> nn.Module:

@@ -174,3 +174,29 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(model, tmp_
     before = snapshot(tmp_path)
     refused(capsys, ["run", str(recipe)], fragment)
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("num_hidden_layers", 1e9, "num_hidden_layers is 1000000000.0"),
+        ("num_hidden_layers", 10**9, "num_hidden_layers is 1000000000"),
+        ("hidden_size", -64, "hidden_size is -64"),
+        ("intermediate_size", "128", "intermediate_size is '128'"),
+        ("num_attention_heads", 0, "num_attention_heads is 0"),
+        ("vocab_size", True, "vocab_size is True"),
+    ],
+)
+def test_an_absurd_config_is_refused_by_its_bounds_first(model, tmp_path, capsys, field, value, fragment):
+    import json
+    import time
+
+    config = json.loads((model / "config.json").read_text())
+    config[field] = value
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = recipe_file(tmp_path, model, tmp_path / "out")
+    started = time.perf_counter()
+    for command in (["validate", str(recipe)], ["run", str(recipe)]):
+        refused(capsys, command, "config.json")
+    assert time.perf_counter() - started < 30
+    assert not (tmp_path / "out").exists()
