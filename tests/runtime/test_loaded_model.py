@@ -58,3 +58,31 @@ def test_generate_command_prints_text_and_speeds(checkpoint, model_dirs, capsys)
         printed = capsys.readouterr().out
         assert "decode" in printed and "tokens/s" in printed and "prefill" in printed and "resident memory" in printed
     assert main(["generate", str(checkpoint), "--max-new-tokens", "0"]) == 2
+
+
+def test_generation_never_builds_a_dense_weight(checkpoint, monkeypatch):
+    def refuse(self):
+        raise AssertionError(f"{type(self).__name__} built its dense weight")
+
+    model = load(checkpoint)
+    formats = {type(m) for m in model.modules() if isinstance(m, QuantizedLinear)}
+    assert formats
+    for format_class in formats:  # each format defines its own dequantize
+        monkeypatch.setattr(format_class, "dequantize", refuse)
+    with torch.no_grad():
+        model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        model(torch.randint(0, 300, (1, 40)))  # a prefill, through the tiles
+
+
+def test_eval_reports_the_same_quality_with_and_without_the_kernels(checkpoint, capsys, monkeypatch):
+    import json
+
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(kernels.SWITCH, switch)
+        assert main(["eval", str(checkpoint), "--num-windows", "2", "--seq-len", "32", "--batch-size", "2"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    compiled, reference = results
+    assert compiled["tokens"] == reference["tokens"] > 0
+    assert compiled["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-5)
+    assert compiled["decode_tokens_per_second"] > 0 and compiled["prefill_tokens_per_second"] > 0
