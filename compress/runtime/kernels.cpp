@@ -71,6 +71,21 @@ inline auto with_bits(int64_t bits, const Body& body) {
   }
 }
 
+// Calls `body(std::integral_constant<int, t>{})` for the runtime token count `tokens` in 1..kDecodeTokens.
+template <typename Body>
+inline void with_tokens(int64_t tokens, const Body& body) {
+  switch (tokens) {
+    case 1: body(std::integral_constant<int, 1>{}); break;
+    case 2: body(std::integral_constant<int, 2>{}); break;
+    case 3: body(std::integral_constant<int, 3>{}); break;
+    case 4: body(std::integral_constant<int, 4>{}); break;
+    case 5: body(std::integral_constant<int, 5>{}); break;
+    case 6: body(std::integral_constant<int, 6>{}); break;
+    case 7: body(std::integral_constant<int, 7>{}); break;
+    default: body(std::integral_constant<int, 8>{});
+  }
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
 #if defined(__AVX512F__)
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -271,16 +286,7 @@ bool grid_gemv(const at::Tensor& x, const at::Tensor& y, const uint8_t* codes, i
                                    xp.data(), chunks, layout, ys, out_features);
     });
   };
-  switch (tokens) {
-    case 1: rows(std::integral_constant<int, 1>{}); break;
-    case 2: rows(std::integral_constant<int, 2>{}); break;
-    case 3: rows(std::integral_constant<int, 3>{}); break;
-    case 4: rows(std::integral_constant<int, 4>{}); break;
-    case 5: rows(std::integral_constant<int, 5>{}); break;
-    case 6: rows(std::integral_constant<int, 6>{}); break;
-    case 7: rows(std::integral_constant<int, 7>{}); break;
-    default: rows(std::integral_constant<int, 8>{});
-  }
+  with_tokens(tokens, rows);
   return true;
 }
 #endif
@@ -365,19 +371,38 @@ inline void gather_vectors(const int32_t* codes, const float* book, int64_t vect
   for (int64_t v = 0; v < vectors; ++v) std::memcpy(row + v * d, book + codes[v] * d, sizeof(float) * d);
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512VBMI__)
 // Decode (a few tokens) for codebooks of at least 16 entries: for each token and group, a table of the dot
 // products of every input vector with every entry (`tables[t][v][e]`), then each row is the sum over its vectors
 // of the table value its code picks, 16 codes per gather (the LUT-GEMV of AQLM's CPU kernels). A thread builds the
 // tables of the groups its rows fall in, as it reaches them.
-template <int Bits>
+template <int Bits, int Dim>
+void build_tables(const float* xs, int64_t tokens, int64_t in_features, int64_t vectors, int64_t dim,
+                  const float* book, float* tables) {
+  constexpr int64_t entries = int64_t{1} << Bits;
+  const int64_t d = Dim > 0 ? Dim : dim;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t v = 0; v < vectors; ++v) {
+      const float* input = xs + t * in_features + v * d;
+      float* table = tables + (t * vectors + v) * entries;
+#pragma GCC unroll 16
+      for (int64_t e = 0; e < entries; e += 16) {
+        __m512 sum = _mm512_mul_ps(_mm512_set1_ps(input[0]), _mm512_loadu_ps(book + e));
+        for (int64_t j = 1; j < d; ++j)
+          sum = _mm512_fmadd_ps(_mm512_set1_ps(input[j]), _mm512_loadu_ps(book + j * entries + e), sum);
+        _mm512_storeu_ps(table + e, sum);
+      }
+    }
+}
+
+template <int Bits, int Tokens>
 void codebook_lut_rows(int64_t begin, int64_t end, const at::Tensor& x, const uint8_t* packed, int64_t row_bytes,
                        const float* transposed, int64_t dim, int64_t rows_per_group, const float* ss, float* ys,
                        int64_t out_features) {
   constexpr int64_t entries = int64_t{1} << Bits;
-  const int64_t tokens = x.size(0), in_features = x.size(1), vectors = in_features / dim;
+  const int64_t in_features = x.size(1), vectors = in_features / dim;
   const float* xs = x.data_ptr<float>();
-  std::vector<float> tables(tokens * vectors * entries);
+  std::vector<float> tables(Tokens * vectors * entries);
   const int64_t words = (vectors + 7) / 8;
   int64_t built = -1;
   alignas(64) int8_t spread[64];
@@ -404,44 +429,44 @@ void codebook_lut_rows(int64_t begin, int64_t end, const at::Tensor& x, const ui
     const int64_t group = r / rows_per_group;
     if (group != built) {
       const float* book = transposed + group * dim * entries;  // [dim][entries]
-      for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t v = 0; v < vectors; ++v) {
-          const float* input = xs + t * in_features + v * dim;
-          float* table = tables.data() + (t * vectors + v) * entries;
-          for (int64_t e = 0; e < entries; e += 16) {
-            __m512 sum = _mm512_mul_ps(_mm512_set1_ps(input[0]), _mm512_loadu_ps(book + e));
-            for (int64_t j = 1; j < dim; ++j)
-              sum = _mm512_fmadd_ps(_mm512_set1_ps(input[j]), _mm512_loadu_ps(book + j * entries + e), sum);
-            _mm512_storeu_ps(table + e, sum);
-          }
-        }
+      switch (dim) {
+        case 2: build_tables<Bits, 2>(xs, Tokens, in_features, vectors, dim, book, tables.data()); break;
+        case 4: build_tables<Bits, 4>(xs, Tokens, in_features, vectors, dim, book, tables.data()); break;
+        case 8: build_tables<Bits, 8>(xs, Tokens, in_features, vectors, dim, book, tables.data()); break;
+        default: build_tables<Bits, 0>(xs, Tokens, in_features, vectors, dim, book, tables.data());
+      }
       built = group;
     }
     // 64 codes at a time: a byte permute puts each of 8 packed words in a 64-bit lane; phases i and i + 1 of
     // every word make 16 indices (codes 8w + i, then 8w + i + 1), offset to their vectors' rows of the table.
     const uint8_t* row = packed + r * row_bytes;
-    __m512 acc[kDecodeTokens];
-    for (int64_t t = 0; t < tokens; ++t) acc[t] = _mm512_setzero_ps();
+    _mm_prefetch(reinterpret_cast<const char*>(row + 4 * row_bytes), _MM_HINT_T0);
+    __m512 acc[Tokens][2];
+    for (int t = 0; t < Tokens; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
     for (int64_t c = 0; c * 64 < vectors; ++c) {
       const int64_t chunk_words = std::min<int64_t>(8, words - 8 * c);
       const __mmask64 present = chunk_words == 8 ? ~__mmask64{0} >> (64 - 8 * Bits)
                                                  : ((__mmask64{1} << (chunk_words * Bits)) - 1);
-      const __m512i lanes = _mm512_maskz_permutexvar_epi8(keep, spread_index, _mm512_maskz_loadu_epi8(present, row + 8 * c * Bits));
+      const __m512i lanes =
+          _mm512_maskz_permutexvar_epi8(keep, spread_index, _mm512_maskz_loadu_epi8(present, row + 8 * c * Bits));
       const int64_t remaining = vectors - 64 * c;
+      const __m512i limit = _mm512_set1_epi32(static_cast<int>(remaining));
 #pragma GCC unroll 4
       for (int i = 0; i < 8; i += 2) {
         const __m256i low = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srli_epi64(lanes, Bits * i), mask));
         const __m256i high = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srli_epi64(lanes, Bits * (i + 1)), mask));
-        const __m512i index = _mm512_add_epi32(_mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1), phase[i / 2]);
-        const __mmask16 valid = remaining >= 64 ? __mmask16{0xFFFF} : _mm512_cmplt_epi32_mask(position[i / 2], _mm512_set1_epi32(static_cast<int>(remaining)));
-        for (int64_t t = 0; t < tokens; ++t) {
+        const __m512i index =
+            _mm512_add_epi32(_mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1), phase[i / 2]);
+        const __mmask16 valid = remaining >= 64 ? __mmask16{0xFFFF} : _mm512_cmplt_epi32_mask(position[i / 2], limit);
+        for (int t = 0; t < Tokens; ++t) {
           const float* table = tables.data() + (t * vectors + 64 * c) * entries;
-          acc[t] = _mm512_add_ps(acc[t], _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, index, table, 4));
+          acc[t][(i / 2) % 2] = _mm512_add_ps(acc[t][(i / 2) % 2],
+                                              _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, index, table, 4));
         }
       }
     }
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float sum = _mm512_reduce_add_ps(acc[t]);
+    for (int t = 0; t < Tokens; ++t) {
+      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
       ys[t * out_features + r] = ss == nullptr ? sum : sum * ss[r];
     }
   }
@@ -474,7 +499,7 @@ at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& codes, const a
   const int64_t row_bytes = codes.size(1);
   return with_bits(code_bits, [&](auto width) {
     constexpr int Bits = decltype(width)::value;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512VBMI__)
     if constexpr (Bits >= 4) {  // a table row of at least 16 entries
       TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
       if (x.size(0) >= 1 && x.size(0) <= kDecodeTokens) {
@@ -482,8 +507,12 @@ at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& codes, const a
         const float* books_t = transposed.data_ptr<float>();
         at::Tensor y = at::empty({x.size(0), out_features}, x.options());
         float* ys = y.data_ptr<float>();
-        at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
-          codebook_lut_rows<Bits>(begin, end, x, packed, row_bytes, books_t, dim, rows_per_group, ss, ys, out_features);
+        with_tokens(x.size(0), [&](auto count) {
+          constexpr int Tokens = decltype(count)::value;
+          at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+            codebook_lut_rows<Bits, Tokens>(begin, end, x, packed, row_bytes, books_t, dim, rows_per_group, ss, ys,
+                                            out_features);
+          });
         });
         return y;
       }
