@@ -402,7 +402,8 @@ void codebook_lut_rows(int64_t begin, int64_t end, const at::Tensor& x, const ui
   constexpr int64_t entries = int64_t{1} << Bits;
   const int64_t in_features = x.size(1), vectors = in_features / dim;
   const float* xs = x.data_ptr<float>();
-  std::vector<float> tables(Tokens * vectors * entries);
+  thread_local std::vector<float> tables;  // kept between calls: a fresh table of this size costs page faults
+  if (tables.size() < static_cast<size_t>(Tokens * vectors * entries)) tables.resize(Tokens * vectors * entries);
   const int64_t words = (vectors + 7) / 8;
   int64_t built = -1;
   alignas(64) int8_t spread[64];
@@ -440,7 +441,8 @@ void codebook_lut_rows(int64_t begin, int64_t end, const at::Tensor& x, const ui
     // 64 codes at a time: a byte permute puts each of 8 packed words in a 64-bit lane; phases i and i + 1 of
     // every word make 16 indices (codes 8w + i, then 8w + i + 1), offset to their vectors' rows of the table.
     const uint8_t* row = packed + r * row_bytes;
-    _mm_prefetch(reinterpret_cast<const char*>(row + 4 * row_bytes), _MM_HINT_T0);
+    for (int64_t line = 0; line < row_bytes; line += 64)  // the codes of a row a few rows ahead
+      _mm_prefetch(reinterpret_cast<const char*>(row + 4 * row_bytes + line), _MM_HINT_T0);
     __m512 acc[Tokens][2];
     for (int t = 0; t < Tokens; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
     for (int64_t c = 0; c * 64 < vectors; ++c) {
@@ -473,8 +475,8 @@ void codebook_lut_rows(int64_t begin, int64_t end, const at::Tensor& x, const ui
 }
 #endif
 
-at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
-                           const c10::optional<at::Tensor>& scales, int64_t code_bits, int64_t rows_per_group) {
+at::Tensor codebook_rows(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+                         const c10::optional<at::Tensor>& scales, int64_t code_bits, int64_t rows_per_group) {
   TORCH_CHECK(code_bits >= 1 && code_bits <= 8, "code_bits must be in 1..8");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "codes must be contiguous uint8");
   TORCH_CHECK(codebooks.scalar_type() == at::kFloat && codebooks.is_contiguous() && codebooks.dim() == 3,
@@ -536,6 +538,21 @@ at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& codes, const a
   });
 }
 
+// The whole layer: rows in stored order from the codes (with kept columns left out of the input), the kept columns'
+// float16 weights added, then each stored row written to its original row.
+at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+                           const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& permutation,
+                           const c10::optional<at::Tensor>& column_indices,
+                           const c10::optional<at::Tensor>& column_weights, int64_t code_bits, int64_t rows_per_group) {
+  const bool kept = column_indices.has_value();
+  TORCH_CHECK(kept == column_weights.has_value(), "column_indices and column_weights go together");
+  at::Tensor y = codebook_rows(kept ? x.index_fill(1, *column_indices, 0.0) : x, codes, codebooks, scales, code_bits,
+                               rows_per_group);
+  if (kept) y.addmm_(x.index_select(1, *column_indices), column_weights->t());
+  if (!permutation.has_value()) return y;
+  return at::empty_like(y).index_copy_(1, *permutation, y);
+}
+
 // A float16 weight (the output head kept as stored): rows widened to float32 as they are read.
 at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.scalar_type() == at::kHalf && weight.is_contiguous() && weight.dim() == 2,
@@ -561,8 +578,8 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
 TORCH_LIBRARY(compress, m) {
   m.def("grid_linear(Tensor x, Tensor qweight, Tensor zeros, Tensor factors, Tensor table, int bits, int group_size)"
         " -> Tensor");
-  m.def("codebook_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor? scales, int code_bits, "
-        "int rows_per_group) -> Tensor");
+  m.def("codebook_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor? scales, Tensor? permutation, "
+        "Tensor? column_indices, Tensor? column_weights, int code_bits, int rows_per_group) -> Tensor");
   m.def("half_linear(Tensor x, Tensor weight) -> Tensor");
 }
 

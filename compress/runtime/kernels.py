@@ -52,7 +52,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], qweight.shape[0])
 
     @torch.library.register_fake("compress::codebook_linear")
-    def _(x, codes, codebooks, scales, code_bits, rows_per_group):
+    def _(x, codes, codebooks, scales, permutation, column_indices, column_weights, code_bits, rows_per_group):
         return x.new_empty(x.shape[0], codes.shape[0])
 
     @torch.library.register_fake("compress::half_linear")
@@ -70,9 +70,11 @@ def grid_linear_op() -> Callable[..., torch.Tensor]:
 
 
 def codebook_linear_op() -> Callable[..., torch.Tensor]:
-    """`codebook_linear(x, codes, codebooks, scales, code_bits, rows_per_group) -> y`: `x [T, in] @ W^T` with row
-    `r` of `W` the entries `codebooks[r // rows_per_group, codes[r, v]]` (times `scales[r]` if given) for its
-    vectors `v`; `codes` packed uint8 `[out, packed]`, `codebooks` float32 `[G, K, d]`."""
+    """`codebook_linear(x, codes, codebooks, scales, permutation, column_indices, column_weights, code_bits,
+    rows_per_group) -> y`: `x [T, in] @ W^T` for a `codebook` layer. Stored row `i` (of `codes`, packed uint8
+    `[out, packed]`) is the entries `codebooks[i // rows_per_group, codes[i, v]]` (float32 `[G, K, d]`) of its
+    vectors `v`, times `scales[i]` if given, with the input features `column_indices` (int64 `[k]`) taken from
+    `column_weights` (float32 `[out, k]`) instead; it is original row `permutation[i]` (int64 `[out]`) if given."""
     return torch.ops.compress.codebook_linear.default if enabled() else codebook_linear_reference
 
 
@@ -95,7 +97,9 @@ def grid_linear_reference(x, qweight, zeros, factors, table, bits: int, group_si
     return x @ weight.reshape(out_features, in_features).t()
 
 
-def codebook_linear_reference(x, codes, codebooks, scales, code_bits: int, rows_per_group: int) -> torch.Tensor:
+def codebook_linear_reference(
+    x, codes, codebooks, scales, permutation, column_indices, column_weights, code_bits: int, rows_per_group: int
+) -> torch.Tensor:
     out_features, in_features = codes.shape[0], x.shape[1]
     dim = codebooks.shape[2]
     unpacked = unpack_bits(codes, code_bits, in_features // dim).to(torch.int64)
@@ -103,4 +107,8 @@ def codebook_linear_reference(x, codes, codebooks, scales, code_bits: int, rows_
     weight = codebooks[groups.unsqueeze(1), unpacked].reshape(out_features, in_features)
     if scales is not None:
         weight = weight * scales.unsqueeze(1)
+    if column_indices is not None:
+        weight = weight.index_copy(1, column_indices, column_weights)
+    if permutation is not None:
+        weight = torch.empty_like(weight).index_copy_(0, permutation, weight)
     return x @ weight.t()

@@ -80,8 +80,8 @@ class GridKernel:
 
 
 class CodebookKernel:
-    """`codebook`: rows decoded from their group's codebook in stored order, then put back in the original order;
-    kept columns are left out of the coded product and added from their float16 weights."""
+    """`codebook`: rows decoded from their group's codebook in stored order and written to their original rows;
+    kept columns are left out of the coded product and added from their float16 weights (all inside the op)."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
@@ -90,24 +90,21 @@ class CodebookKernel:
     def refresh(self, module: CodebookLinear) -> None:
         self.codebooks = module.codebooks.detach().float().contiguous()
         self.scales = None if module.scales is None else module.scales.detach().float().contiguous()
-        self.inverse = None if module.permutation is None else module.inverse_permutation()
+        self.permutation = None if module.permutation is None else module.permutation.to(torch.int64)
         self.columns = None if module.column_indices is None else module.column_indices.to(torch.int64)
+        self.column_weights = None if module.column_weights is None else module.column_weights.detach().float()
         self.key = self.sources(module)
 
     @staticmethod
     def sources(module: CodebookLinear) -> tuple:
-        return _versions(module.codebooks, module.scales, module.permutation, module.column_indices)
+        return _versions(module.codebooks, module.scales, module.permutation, module.column_indices,
+                         module.column_weights)  # fmt: skip
 
     def __call__(self, module: CodebookLinear, x: torch.Tensor) -> torch.Tensor:
         if self.key != self.sources(module):
             self.refresh(module)
-        flat = _flat(module, x)
-        coded = flat if self.columns is None else flat.index_fill(1, self.columns, 0.0)
-        y = self.op(coded, module.codes, self.codebooks, self.scales, module.code_bits, module.rows_per_group)
-        if self.columns is not None:
-            y = torch.addmm(y, flat.index_select(1, self.columns), module.column_weights.detach().float().t())
-        if self.inverse is not None:
-            y = y.index_select(1, self.inverse)
+        y = self.op(_flat(module, x), module.codes, self.codebooks, self.scales, self.permutation, self.columns,
+                    self.column_weights, module.code_bits, module.rows_per_group)  # fmt: skip
         return _finish(module, x, y)
 
 
