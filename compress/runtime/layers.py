@@ -139,6 +139,7 @@ def prepare(model: nn.Module, *, half_head: bool = True) -> nn.Module:
     count = 0
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
+            _own_buffers(module)
             kind = next((kernel for base, kernel in KERNELS.items() if isinstance(module, base)), None)
             if kind is not None:
                 module.kernel = kind()
@@ -147,6 +148,15 @@ def prepare(model: nn.Module, *, half_head: bool = True) -> nn.Module:
         _keep_head_in_half(model)
     log.info("runtime: %d compressed layers use %s kernels", count, "compiled" if kernels.enabled() else "reference")
     return model
+
+
+def _own_buffers(module: nn.Module) -> None:
+    """Give the layer's integer buffers memory of their own. Loading leaves them as views into the mapped
+    checkpoint file, which then stays mapped whole, with every page loading touched (the float tensors' too, though
+    they were copied) counted as resident."""
+    for name, buffer in module._buffers.items():
+        if buffer is not None and not buffer.is_floating_point() and buffer.device.type == "cpu":
+            module._buffers[name] = buffer.clone()
 
 
 def _keep_head_in_half(model: nn.Module) -> None:
