@@ -29,7 +29,7 @@
 namespace {
 
 constexpr int64_t kDecodeTokens = 8;  // up to this many tokens: row-by-row dot products; beyond: tiles + matmul
-constexpr int64_t kTileBytes = 1 << 19;  // a tile of decoded rows, about half a MiB of float32
+constexpr int64_t kTileBytes = 1 << 21;  // a tile of decoded rows, 2 MiB of float32 (reused, never more)
 
 // The little-endian integer in bytes [p, p + Bytes).
 template <int Bytes>
