@@ -106,7 +106,7 @@ def load_config(source: ModelSource, *, trust_remote_code: bool = False) -> tupl
         config = AutoConfig.from_pretrained(
             source.location, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, KeyError, TypeError, RecursionError, StrictDataclassError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, StrictDataclassError) as error:
         raise CompressError(f"model {source.name!r}: its config could not be read ({str(error)[:300]})") from error
     check_config_bounds(config.to_dict(), where)
     return config, source.kind or _kind_of(config)
@@ -133,6 +133,15 @@ CONFIG_BOUNDS = {
 }  # fmt: skip
 
 
+CONFIG_TYPES = [
+    ("model_type", (str,), "a model type name"), ("architectures", (list,), "a list of class names"),
+    ("quantization_config", (dict,), "a mapping"), ("tie_word_embeddings", (bool,), "true or false"),
+    ("rms_norm_eps", (int, float), "a number"), ("layer_norm_eps", (int, float), "a number"),
+    ("rope_theta", (int, float), "a number"), ("torch_dtype", (str,), "a dtype name"),
+    ("dtype", (str,), "a dtype name"),
+]  # fmt: skip
+
+
 def check_config_bounds(values: Any, where: str) -> None:
     """Refuse a config (its JSON mapping) whose sizes are not integers within `CONFIG_BOUNDS`, or whose heads do
     not divide its width."""
@@ -145,6 +154,17 @@ def check_config_bounds(values: Any, where: str) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             shown = repr(value)[:100]
             raise CompressError(f"{where}: {field} is {shown}; expected an integer from {low} to {high}")
+    for field, kinds, expected in CONFIG_TYPES:
+        value = values.get(field)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) is not (bool in kinds)):
+            raise CompressError(f"{where}: {field} is {repr(value)[:100]}; expected {expected}")
+    architectures = values.get("architectures")
+    if architectures is not None and not all(isinstance(name, str) for name in architectures):
+        raise CompressError(f"{where}: architectures is {repr(architectures)[:100]}; expected a list of class names")
+    for field in ("rms_norm_eps", "layer_norm_eps", "rope_theta"):
+        value = values.get(field)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 < value < float("inf"):
+            raise CompressError(f"{where}: {field} is {value!r}; expected a positive finite number")
     heads, width = values.get("num_attention_heads"), values.get("hidden_size")
     if heads and width and values.get("head_dim") is None and width % heads:
         raise CompressError(f"{where}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
@@ -192,6 +212,9 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype: torch.dtype
         raise
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CompressError(f"model {name!r} could not be loaded as a transformers model: {error}") from error
+    except RuntimeError as error:  # transformers: weights whose shapes the config does not give
+        message = str(error).split("\n")[0][:300]
+        raise CompressError(f"model {name!r}: its weights do not match its config.json ({message})") from error
     if source.gguf_file is not None:
         _forget_source_quantization(model)
     from compress.runtime import release

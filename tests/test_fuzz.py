@@ -163,3 +163,83 @@ def test_malformed_command_lines(bad_files, capsys, argv):
     else:
         assert code == 2, (argv, captured.err)
     assert sorted(p.name for p in bad_files.iterdir()) == ["bad.yaml", "notadir"]
+
+
+CONFIG_FIELDS = ["num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                 "vocab_size", "max_position_embeddings", "head_dim", "rms_norm_eps", "model_type", "architectures",
+                 "torch_dtype", "tie_word_embeddings", "rope_theta", "quantization_config"]  # fmt: skip
+
+
+@fuzz(150)
+@given(mutations=st.lists(st.tuples(st.sampled_from(CONFIG_FIELDS), st.one_of(VALUES, st.just(DELETE))), min_size=1,
+                          max_size=3))  # fmt: skip
+def test_malformed_model_configs(model_dirs, tmp_path_factory, capsys, mutations):
+    import json
+    import shutil
+
+    work = tmp_path_factory.mktemp("config")
+    model = Path(shutil.copytree(model_dirs["llama"], work / "model"))
+    config = json.loads((model / "config.json").read_text())
+    for field, value in mutations:
+        config = mutate(config, (field,), value)
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = work / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(base_recipe(model, work / "out")))
+    code = main(["validate", str(recipe)])
+    if code == 0:  # still a model the recipe fits
+        capsys.readouterr()
+        return
+    clean_failure(capsys, code)
+    clean_failure(capsys, main(["run", str(recipe), "--no-eval"]))
+    assert sorted(p.name for p in work.iterdir()) == ["model", "recipe.yaml"], "a refused run left files behind"
+
+
+@pytest.fixture(scope="module")
+def fuzz_checkpoint(model_dirs, tmp_path_factory):
+    from compress import pipeline
+    from tests.conftest import tiny_recipe
+
+    out = tmp_path_factory.mktemp("checkpoint") / "out"
+    pipeline.run(tiny_recipe(model_dirs["llama"], out, [{"stage": "rtn", "bits": 4, "group_size": 32}]), evaluate=False)
+    return out
+
+
+HEADER_FIELDS = ["dtype", "shape", "data_offsets", "extra"]
+
+
+@fuzz(300)
+@given(
+    tensor=st.integers(min_value=0, max_value=40),
+    changes=st.lists(st.tuples(st.sampled_from(HEADER_FIELDS), st.one_of(VALUES, st.just(DELETE))), min_size=1,
+                     max_size=3),
+    metadata=st.one_of(st.none(), VALUES),
+)  # fmt: skip
+def test_malformed_safetensors_headers(fuzz_checkpoint, tmp_path_factory, capsys, tensor, changes, metadata):
+    import json
+    import shutil
+    import struct
+
+    from compress.integrity import file_digests
+
+    work = Path(shutil.copytree(fuzz_checkpoint, tmp_path_factory.mktemp("header") / "ckpt"))
+    weights = work / "model.safetensors"
+    data = weights.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    names = sorted(name for name in header if name != "__metadata__")
+    entry = header[names[tensor % len(names)]]
+    for field, value in changes:
+        entry = mutate(entry, (field,), value) if isinstance(entry, dict) else entry
+    header[names[tensor % len(names)]] = entry
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    encoded = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length :])
+    report = json.loads((work / "report.json").read_text())
+    report["files"] = file_digests(work)  # as a tamperer who knows the format would: the header checks must catch it
+    (work / "report.json").write_text(json.dumps(report))
+    code = main(["verify", str(work)])
+    if code == 0:
+        capsys.readouterr()
+        return
+    clean_failure(capsys, code)
