@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -148,6 +149,20 @@ at::Tensor run_linear(const at::Tensor& x, int64_t out_features, int64_t in_feat
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VBMI__)
+// The byte permute that puts packed word w (of `Bits` bytes: 8 codes) in lane w of `Lane` bytes, zero-extended,
+// and the mask of the bytes it keeps; used with `_mm512_maskz_permutexvar_epi8`.
+template <int Bits, int Lane>
+inline std::pair<__m512i, __mmask64> word_spread() {
+  alignas(64) int8_t spread[64];
+  __mmask64 keep = 0;
+  for (int w = 0; w < 64 / Lane; ++w)
+    for (int k = 0; k < Lane; ++k) {
+      spread[Lane * w + k] = static_cast<int8_t>(k < Bits ? w * Bits + k : 0);
+      if (k < Bits) keep |= __mmask64{1} << (Lane * w + k);
+    }
+  return {_mm512_load_si512(spread), keep};
+}
+
 // Decode (a few tokens) for grids of at most 4 bits, no row written out. A chunk is 16 packed words (128 codes):
 // a byte permute puts one word in each 32-bit lane, and phase i takes code i of every word at once, so lane w
 // of phase i holds code 8w + i of the chunk. The input is permuted the same way once per call; level lookups,
@@ -252,14 +267,7 @@ void grid_gemv_rows(int64_t begin, int64_t end, const uint8_t* codes, int64_t ro
                     const float* xp, int64_t chunks, const ChunkGroups& layout, float* ys, int64_t out_features) {
   constexpr int Rows = Tokens <= 2 ? 2 : 1;
   const int64_t words = (in_features + 7) / 8;
-  alignas(64) int8_t spread[64];
-  __mmask64 keep = 0;
-  for (int w = 0; w < 16; ++w)
-    for (int k = 0; k < 4; ++k) {
-      spread[4 * w + k] = static_cast<int8_t>(k < Bits ? w * Bits + k : 0);
-      if (k < Bits) keep |= __mmask64{1} << (4 * w + k);
-    }
-  const __m512i spread_index = _mm512_load_si512(spread);
+  const auto [spread_index, keep] = word_spread<Bits, 4>();
   int64_t r = begin;
   for (; r + Rows <= end; r += Rows)
     grid_gemv_block<Bits, Tokens, Rows>(r, codes, row_bytes, zs, fs, ts, table_stride, groups, words, xp, chunks,
@@ -406,14 +414,7 @@ void codebook_lut_rows(int64_t begin, int64_t end, const at::Tensor& x, const ui
   if (tables.size() < static_cast<size_t>(Tokens * vectors * entries)) tables.resize(Tokens * vectors * entries);
   const int64_t words = (vectors + 7) / 8;
   int64_t built = -1;
-  alignas(64) int8_t spread[64];
-  __mmask64 keep = 0;
-  for (int w = 0; w < 8; ++w)
-    for (int k = 0; k < 8; ++k) {
-      spread[8 * w + k] = static_cast<int8_t>(k < Bits ? w * Bits + k : 0);
-      if (k < Bits) keep |= __mmask64{1} << (8 * w + k);
-    }
-  const __m512i spread_index = _mm512_load_si512(spread);
+  const auto [spread_index, keep] = word_spread<Bits, 8>();
   const __m512i mask = _mm512_set1_epi64((int64_t{1} << Bits) - 1);
   __m512i phase[4], position[4];  // per pair of phases: each lane's offset in the table, and its vector
   for (int i = 0; i < 8; i += 2) {
