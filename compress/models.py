@@ -73,6 +73,11 @@ def resolve_model(name: str) -> ModelSource:
             return ModelSource(name, str(path.parent), path.name, EMBEDDED[name].kind)
         return ModelSource(name, str(path), None, EMBEDDED[name].kind)
     path = Path(name)
+    try:
+        path.exists()
+    except OSError as error:  # a name the file system cannot even look up (too long, say)
+        shown = name if len(name) <= 100 else f"{name[:100]}... ({len(name)} characters)"
+        raise CompressError(f"model {shown!r}: not a usable path or hub id ({error.strerror})") from error
     if path.suffix == ".gguf":
         if not path.is_file():
             raise CompressError(f"model {name!r}: no such GGUF file")
@@ -217,6 +222,11 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype: torch.dtype
         raise CompressError(f"model {name!r}: its weights do not match its config.json ({message})") from error
     if source.gguf_file is not None:
         _forget_source_quantization(model)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise CompressError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the embedding only {rows} "
+                            "rows (vocab_size in config.json), so some token ids have no embedding")  # fmt: skip
     from compress.runtime import release
 
     release(model)  # a compress checkpoint loads for inference; the stages train float32 parameters

@@ -200,3 +200,26 @@ def test_an_absurd_config_is_refused_by_its_bounds_first(model, tmp_path, capsys
         refused(capsys, command, "config.json")
     assert time.perf_counter() - started < 30
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["a" * 300, "org/" + "a" * 300, "x/" * 3000])
+def test_an_absurd_model_name_is_refused(tmp_path, capsys, name):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": name, "stages": RTN, "export": {"out": str(tmp_path / "out")}}))
+    error = refused(capsys, ["validate", str(recipe)], "model")
+    assert len(error) < 1500
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tokenizer_dir, tmp_path, capsys):
+    import transformers
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.vocab_size = 100  # the tokenizer has 320 tokens
+    small = tmp_path / "small"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(small)
+    transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(small)
+    recipe = recipe_file(tmp_path, small, tmp_path / "out")
+    refused(capsys, ["run", str(recipe)], "tokenizer has 320 tokens but the embedding only 100 rows")
+    assert not (tmp_path / "out").exists()
