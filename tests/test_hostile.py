@@ -132,10 +132,11 @@ BILLION_LAUGHS = "\n".join(
     ("text", "fragment"),
     [
         (BILLION_LAUGHS, "YAML aliases"),
+        ("a: &a x\nb: [" + "*a, " * 150_000 + "*a]\nstages: [{stage: rtn}]\n", "YAML aliases"),
         ("stages: [{stage: rtn, bits: '" + "9" * 50_000_000 + "'}]\n", "at most 1048576"),
         ("stages: [{stage: rtn, bits: '" + "9" * 100_000 + "'}]\n", "characters)"),
     ],
-    ids=["billion-laughs", "50MB-value", "100k-value"],
+    ids=["billion-laughs", "150k-aliases", "50MB-value", "100k-value"],
 )
 def test_recipe_bombs_are_refused_quickly_with_a_short_message(tmp_path, capsys, text, fragment):
     path = tmp_path / "bomb.yaml"
@@ -222,4 +223,14 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tokenizer_dir, tmp_pa
     transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(small)
     recipe = recipe_file(tmp_path, small, tmp_path / "out")
     refused(capsys, ["run", str(recipe)], "tokenizer has 320 tokens but the embedding only 100 rows")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_that_does_not_match_the_weights_is_refused(model, tmp_path, capsys):
+    import json
+
+    config = json.loads((model / "config.json").read_text())
+    config["intermediate_size"] = 96  # within bounds, but the weights hold 128
+    (model / "config.json").write_text(json.dumps(config))
+    refused(capsys, ["run", str(recipe_file(tmp_path, model, tmp_path / "out"))], "do not match its config.json")
     assert not (tmp_path / "out").exists()
