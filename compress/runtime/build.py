@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,6 +20,8 @@ HERE = Path(__file__).parent
 SOURCE = HERE / "kernels.cpp"
 LIBRARY = HERE / "_kernels.so"
 STAMP = HERE / "_kernels.json"
+
+log = logging.getLogger(__name__)
 
 
 def identity() -> dict[str, str]:
@@ -49,9 +52,10 @@ def build() -> Path:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        print(f"built {build()}")
+        log.info("built %s", build())
     except (OSError, subprocess.CalledProcessError) as error:
-        print(f"error: the CPU kernels could not be built ({error}); compressed layers will run the slower "
-              "pure-PyTorch path", file=sys.stderr)  # fmt: skip
+        log.error("error: the CPU kernels could not be built (%s); compressed layers will run the slower "
+                  "pure-PyTorch path", error)  # fmt: skip
         sys.exit(1)
