@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 # The CPU kernels of the runtime (C++ PyTorch operators, built for this machine; compress/runtime/build.py).
 $(KERNELS): compress/runtime/kernels.cpp compress/runtime/build.py $(STAMP)
-	$(PY) -m compress.runtime.build
+	$(PY) -m compress.runtime
 
 demo: setup
 	$(PY) -m compress run recipes/default.yaml --force

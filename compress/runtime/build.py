@@ -1,6 +1,6 @@
 """Compile compress/runtime/kernels.cpp into a library of PyTorch operators (`make setup` runs this).
 
-    python -m compress.runtime.build
+    python -m compress.runtime
 
 The library is built for this machine's processor (`-march=native`) against the installed torch; a sidecar file
 records the source's digest and the torch version, and a library that no longer matches them is not loaded."""
@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -51,11 +50,12 @@ def build() -> Path:
     return LIBRARY
 
 
-if __name__ == "__main__":
+def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         log.info("built %s", build())
     except (OSError, subprocess.CalledProcessError) as error:
         log.error("error: the CPU kernels could not be built (%s); compressed layers will run the slower "
                   "pure-PyTorch path", error)  # fmt: skip
-        sys.exit(1)
+        return 1
+    return 0

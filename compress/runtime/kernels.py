@@ -28,7 +28,7 @@ def enabled() -> bool:
 @functools.cache
 def _load() -> bool:
     if not LIBRARY.is_file():
-        log.warning("compress: the CPU kernels are not built (make setup, or python -m compress.runtime.build); "
+        log.warning("compress: the CPU kernels are not built (make setup, or python -m compress.runtime); "
                     "compressed layers run the slower pure-PyTorch path")  # fmt: skip
         return False
     try:
@@ -37,7 +37,7 @@ def _load() -> bool:
         built = None
     if built != identity():
         log.warning("compress: the CPU kernels were built from another source or torch version; rebuild them with "
-                    "python -m compress.runtime.build (the pure-PyTorch path runs meanwhile)")  # fmt: skip
+                    "python -m compress.runtime (the pure-PyTorch path runs meanwhile)")  # fmt: skip
         return False
     torch.ops.load_library(str(LIBRARY))
     _register_fakes()
