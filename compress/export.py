@@ -270,12 +270,9 @@ def load(
 
 def check_checkpoint(path: Path, *, verify: bool = True, trust_remote_code: bool = False):
     """Everything `load` checks before reading tensors; returns the config."""
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig
-
     from compress.hf import install_from_config
     from compress.integrity import expected_tensors, stored_tensors, tensor_problems, verify_files
-    from compress.models import check_config_bounds, read_json, skeleton
+    from compress.models import read_config, skeleton
 
     where = f"checkpoint {str(path)!r}"
     if not (path / "config.json").is_file():
@@ -283,19 +280,7 @@ def check_checkpoint(path: Path, *, verify: bool = True, trust_remote_code: bool
     if verify:
         verify_files(path)
     stored = stored_tensors(path)
-    check_config_bounds(read_json(path / "config.json", f"{where}: config.json"), f"{where}: config.json")
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        UnicodeDecodeError,
-        RecursionError,
-        StrictDataclassError,
-    ) as error:
-        raise CompressError(f"{where}: config.json could not be read ({str(error)[:300]})") from error
+    config = read_config(path, where, trust_remote_code=trust_remote_code)
     model = skeleton(config, "causal-lm" if _is_causal(config) else "encoder", trust_remote_code=trust_remote_code)
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None and not install_from_config(model, config, where):

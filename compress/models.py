@@ -100,21 +100,27 @@ def resolve_model(name: str) -> ModelSource:
 
 def load_config(source: ModelSource, *, trust_remote_code: bool = False) -> tuple[object, str]:
     """The model's config (no weights read) and its kind."""
+    config = read_config(source.location, f"model {source.name!r}", source.gguf_file, trust_remote_code)
+    return config, source.kind or _kind_of(config)
+
+
+def read_config(location: str | Path, owner: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """`AutoConfig` of a directory, hub id or GGUF file, its sizes checked against `CONFIG_BOUNDS` (a local
+    config.json before transformers builds anything from it); every failure a `CompressError` naming `owner`
+    (the model or checkpoint)."""
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    where = f"model {source.name!r}: config.json"
-    local = Path(source.location) / "config.json"
-    if source.gguf_file is None and local.is_file():
-        check_config_bounds(read_json(local, where), where)  # before transformers builds anything from it
+    where = f"{owner}: config.json"
+    local = Path(location) / "config.json"
+    if gguf_file is None and local.is_file():
+        check_config_bounds(read_json(local, where), where)
     try:
-        config = AutoConfig.from_pretrained(
-            source.location, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
-        )
+        config = AutoConfig.from_pretrained(location, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, StrictDataclassError) as error:
-        raise CompressError(f"model {source.name!r}: its config could not be read ({str(error)[:300]})") from error
+        raise CompressError(f"{owner}: its config could not be read ({str(error)[:300]})") from error
     check_config_bounds(config.to_dict(), where)
-    return config, source.kind or _kind_of(config)
+    return config
 
 
 def read_json(path: Path, where: str) -> Any:
