@@ -8,7 +8,7 @@ memory after loading, every model in a fresh process, one after another, with th
 Speed depends on a checkpoint's format and settings, not on the values its stage learned, so the checkpoints
 here are made with each recipe's format settings and the learning switched off (`nupes` data-free, `jlcm` with
 no learning steps and no refit); the table says so. Writes bench/decode/results.json and results.md, and the
-README section between the `decode-bench:start` / `decode-bench:end` markers.
+section of docs/runtime.md between the `decode-bench:start` / `decode-bench:end` markers.
 """
 
 from __future__ import annotations
@@ -133,13 +133,13 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme(markdown: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+def write_docs(markdown: str) -> None:
+    page = ROOT / "docs" / "runtime.md"
+    text = page.read_text()
     start, end = "<!-- decode-bench:start -->", "<!-- decode-bench:end -->"
     if start in text and end in text:
         head, rest = text.split(start, 1)
-        readme.write_text(head + start + "\n" + markdown + rest[rest.index(end) :])
+        page.write_text(head + start + "\n" + markdown + rest[rest.index(end) :])
 
 
 def main() -> int:
@@ -194,7 +194,7 @@ def main() -> int:
     results = json.loads(results_file.read_text())
     markdown = table(results)
     (OUT / "results.md").write_text(markdown)
-    write_readme(markdown)
+    write_docs(markdown)
     print(markdown)
     return 0
 
