@@ -19,7 +19,14 @@ from torch import nn
 
 from compress.errors import CompressError, NumericError
 from compress.formats.base import QuantizedLinear
-from compress.hf import QUANT_METHOD, CompressConfig, needed_version
+from compress.hf import (
+    PLACEHOLDER_VERSION,
+    QUANT_METHOD,
+    CompressConfig,
+    needed_version,
+    placeholder,
+    placeholder_names,
+)
 from compress.integrity import WEIGHTS_FILE
 from compress.ownership import check_replaceable, fresh_path, remove_checkpoint
 from compress.prune.structure import structure_record
@@ -131,8 +138,8 @@ def layer_settings(model: nn.Module) -> dict[str, dict]:
 
 
 def packed_state_dict(model: nn.Module, exclude: str | None = None) -> dict[str, torch.Tensor]:
-    """Every persistent tensor once (tied weights are written under their first name), floats as float16; names
-    starting with `exclude` are left out."""
+    """Every persistent tensor once (tied weights are written under their first name), floats as float16, and the
+    empty `NAME.weight` placeholder of each compressed layer; names starting with `exclude` are left out."""
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in model.state_dict().items():
@@ -142,6 +149,9 @@ def packed_state_dict(model: nn.Module, exclude: str | None = None) -> dict[str,
         if tensor.is_floating_point():
             tensor = tensor.to(torch.float16)
         tensors[name] = tensor.detach().contiguous().cpu()
+    for name in placeholder_names(model):
+        if not (exclude and name.startswith(exclude)):
+            tensors[name] = placeholder()
     return tensors
 
 
@@ -205,6 +215,7 @@ def checkpoint_config(model: nn.Module, packed: bool) -> tuple[dict, dict[str, s
     version = needed_version(layers, structure)
     saved = config.to_dict()
     saved.pop("quantization_config", None)
+    saved["dtype"] = "float16"  # what every floating tensor is stored as (compress.load computes in float32)
     metadata = {"format": "pt"}
     if layers or structure is not None:  # else a stock checkpoint: nothing compressed, blocks as the config says
         if structure is not None and not packed:
@@ -228,6 +239,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     """`safetensors.save_file`, then the `__metadata__` keys put in sorted order: the library writes them in a
     random order, and the same model must give the same bytes. The header keeps its length and padding."""
     save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~current_umask())  # the library writes mode 0600; a server may run as another user
     with open(path, "r+b") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         text = handle.read(length).decode("utf-8")
@@ -238,6 +250,12 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
             raise RuntimeError("safetensors header grew when its metadata was sorted")
         handle.seek(8)
         handle.write(canonical.ljust(length, b" "))
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load(
@@ -287,6 +305,9 @@ def check_checkpoint(path: Path, *, verify: bool = True, trust_remote_code: bool
         method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
         raise CompressError(f"{where}: quantization_config.quant_method is {method!r}, not {QUANT_METHOD!r}")
     expected, tied = expected_tensors(model)
+    settings = quantization if isinstance(quantization, dict) else getattr(quantization, "__dict__", {})
+    if settings.get("format_version", 0) >= PLACEHOLDER_VERSION:  # a readable version (install_from_config)
+        expected.update({name: ("U8", (0,)) for name in placeholder_names(model)})
     problems = tensor_problems(stored, expected, tied)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")

@@ -3,8 +3,10 @@ packed tensors into them. Registered when `compress` is imported."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
@@ -16,16 +18,32 @@ from compress.prune.structure import apply_structure
 from compress.registry import FORMATS
 
 QUANT_METHOD = "compress"
-FORMAT_VERSION = 3  # 2 added `structure` (per-block sizes of a pruned model), 3 kept columns of `codebook` layers
-READABLE_VERSIONS = (1, 2, 3)
+# 2 added `structure` (per-block sizes of a pruned model), 3 kept columns of `codebook` layers, 4 the empty
+# `NAME.weight` placeholder of every compressed layer (stock transformers refuses it instead of loading at random)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+PLACEHOLDER_VERSION = 4
 
 
 def needed_version(layers: dict[str, dict[str, Any]], structure: Any) -> int:
-    """The lowest format version that holds a checkpoint with these layer settings and structure: a checkpoint is
-    written with it, so readers of earlier versions still read what they can."""
-    if any(settings.get("kept_columns") for settings in layers.values()):
-        return 3
+    """The format version of a checkpoint with these compressed layers and structure: 4 with compressed layers
+    (their placeholders), else 2 for a pruned dense checkpoint whose blocks differ, else 1."""
+    if layers:
+        return FORMAT_VERSION
     return 2 if structure is not None else 1
+
+
+def placeholder() -> torch.Tensor:
+    """The tensor stored as `NAME.weight` of a compressed layer `NAME` (version 4): empty, so that transformers
+    without `import compress` refuses the checkpoint for its shape instead of initialising the layer at random."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def placeholder_names(model: nn.Module) -> list[str]:
+    """The placeholder tensor names of `model`'s compressed layers."""
+    from compress.formats.base import QuantizedLinear
+
+    return [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -55,6 +73,9 @@ class CompressQuantizer(HfQuantizer):
         config = self.quantization_config
         structure = getattr(config, "structure", None)
         install_compressed(model, config.format_version, config.layers, structure, "checkpoint")
+        # the placeholders (version 4) are for stock transformers only: ours have no dense weight to fill
+        ignored = {re.escape(name) + "$" for name in placeholder_names(model)}
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | ignored
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> None:
         from compress.runtime import prepare
@@ -62,11 +83,34 @@ class CompressQuantizer(HfQuantizer):
         prepare(model)
 
     def is_serializable(self, **kwargs) -> bool:
-        return False  # export goes through compress.export, which writes the packed format
+        return True  # save_pretrained writes the packed format (get_state_dict_and_metadata)
+
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """What `save_pretrained` writes: the tensors and header metadata of `compress.export`'s packed format."""
+        from compress.export import packed_state_dict
+
+        version = needed_version(self.quantization_config.layers, getattr(self.quantization_config, "structure", None))
+        self.quantization_config.format_version = version
+        return packed_state_dict(model), {"quant_method": QUANT_METHOD, "format_version": str(version)}
 
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def attach_quantizer(model: nn.Module) -> None:
+    """Give a model compressed in memory what a loaded checkpoint has: its `quantization_config` and our quantizer,
+    so that `save_pretrained` writes the packed format and `from_pretrained` (after `import compress`) reads it."""
+    from compress.export import layer_settings
+    from compress.prune.structure import structure_record
+
+    layers = layer_settings(model)
+    if not layers:
+        return
+    structure = structure_record(model)
+    config = CompressConfig(needed_version(layers, structure), layers, structure)
+    model.config.quantization_config = config
+    model.hf_quantizer = CompressQuantizer(config)
 
 
 def install_compressed(

@@ -240,6 +240,7 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype: torch.dtype
 
     release(model)  # a compress checkpoint loads for inference; the stages train float32 parameters
     model.eval()
+    model.config._name_or_path = name  # as the user named it (an alias, not the path it resolves to)
     check_weights_finite(model, f"model {name!r}")
     log.info("loaded %s (%s, %.1fM parameters)", name, type(model).__name__, count_parameters(model) / 1e6)
     return LoadedModel(model, tokenizer, kind, name)

@@ -37,6 +37,7 @@ from compress.export import (
     write_side_files,
 )
 from compress.formats.base import QuantizedLinear
+from compress.hf import attach_quantizer
 from compress.integrity import file_digests
 from compress.memory import peak_rss_bytes, reset_peak_rss
 from compress.memory_plan import plan_memory
@@ -183,6 +184,7 @@ def run(
 
     round_to_storage(model)
     runtime.prepare(model)  # the compressed layers compute from their codes, as the loaded checkpoint will
+    attach_quantizer(model)  # save_pretrained of the result writes the packed format
     if evaluation is not None:
         report.after = evaluation.measure(model, original=False)
         evaluation.close()

@@ -138,8 +138,8 @@ def test_a_bad_size_is_refused():
 
 
 def test_streamed_shards_carry_the_version_their_layers_need(sharded_llama, tmp_path, one_thread):
-    """jlcm with kept columns (format version 3): each block's shard says 3, as does the config; the logits are
-    those of the in-memory run."""
+    """jlcm with kept columns (format version 3, and 4 for the placeholders): each shard says 4, as does the
+    config; the logits are those of the in-memory run."""
     from safetensors import safe_open
 
     stage = {"stage": "jlcm", "code_bits": 4, "vector_dim": 2, "rows_per_group": 32, "outlier_threshold": 1.5}
@@ -148,9 +148,9 @@ def test_streamed_shards_carry_the_version_their_layers_need(sharded_llama, tmp_
     streamed = tmp_path / "streamed"
     pipeline.run(tiny_recipe(sharded_llama, streamed, [stage]), evaluate=False, stream=True)
     config = json.loads((streamed / "config.json").read_text())["quantization_config"]
-    assert config["format_version"] == 3
+    assert config["format_version"] == 4
     for shard in sorted(streamed.glob("model-*.safetensors")):
         with safe_open(str(shard), "pt") as handle:
-            assert handle.metadata()["format_version"] == "3", shard.name
+            assert handle.metadata()["format_version"] == "4", shard.name
     ids = torch.randint(3, 320, (2, 24))
     assert torch.equal(logits(compress.load(streamed), ids), logits(compress.load(memory), ids))

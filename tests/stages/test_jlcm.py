@@ -271,7 +271,7 @@ def test_export_then_load_is_exact(model_dirs, tmp_path):
     }
 
 
-def test_kept_columns_export_as_format_version_3_and_load_exactly(model_dirs, tmp_path):
+def test_kept_columns_export_and_load_exactly(model_dirs, tmp_path):
     import json
 
     out = tmp_path / "out"
@@ -281,7 +281,7 @@ def test_kept_columns_export_as_format_version_3_and_load_exactly(model_dirs, tm
             if isinstance(m, CodebookLinear) and m.column_indices is not None}  # fmt: skip
     assert kept and all(len(columns) <= 2 for columns in kept.values())
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["format_version"] == 3
+    assert config["format_version"] == 4
     assert {n for n, s in config["layers"].items() if s.get("kept_columns")} == set(kept)
     ids = torch.randint(3, 320, (2, 24))
     with torch.no_grad():
