@@ -115,24 +115,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _recipe(args: argparse.Namespace):
-    from compress.recipe import load_recipe, parse_override
+def _overrides(args: argparse.Namespace) -> dict:
+    from compress.recipe import parse_override
 
     overrides = dict(parse_override(item) for item in args.set)
     for option, key in (("model", "model.name"), ("out", "export.out"), ("format", "export.format")):
         if getattr(args, option, None):
             overrides[key] = getattr(args, option)
-    return load_recipe(args.recipe, overrides)
+    return overrides
+
+
+def _recipe(args: argparse.Namespace):
+    from compress.recipe import load_recipe
+
+    return load_recipe(args.recipe, _overrides(args))
 
 
 def _run(args: argparse.Namespace) -> int:
-    from compress import pipeline
+    import compress
     from compress.memory_plan import parse_size
 
-    recipe = _recipe(args)
     max_memory = parse_size(args.max_memory) if args.max_memory else None
-    result = pipeline.run(
-        recipe,
+    result = compress.run(
+        args.recipe,
+        overrides=_overrides(args),
         force=args.force,
         evaluate=not args.no_eval,
         resume=args.resume,
@@ -142,7 +148,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     report = result.report
     print(report.to_text())
-    print(f"\nwrote {recipe.export.out}")
+    print(f"\nwrote {result.out}")
     return 0
 
 

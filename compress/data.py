@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
+IN_MEMORY = "in-memory"  # the source of text given to compress.run in Python (a recipe file cannot reload it)
+
+
 def embedded_text() -> str:
     """Python's own `pydoc_data.topics`: English technical prose that ships with every CPython."""
     from pydoc_data.topics import topics
@@ -44,6 +47,9 @@ def load_text(source: str, *, config: str | None = None, split: str = "train", t
     `datasets` hub name (with `config` and `split`)."""
     if source == "embedded":
         return embedded_text()
+    if source == IN_MEMORY:
+        raise CompressError(f"data source {IN_MEMORY!r} is text given to compress.run in Python; a recipe run "
+                            "from a file needs the text's file or dataset name")  # fmt: skip
     import datasets
 
     problem = local_source_problem(source)

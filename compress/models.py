@@ -101,7 +101,7 @@ def resolve_model(name: str) -> ModelSource:
 def load_config(source: ModelSource, *, trust_remote_code: bool = False) -> tuple[object, str]:
     """The model's config (no weights read) and its kind."""
     config = read_config(source.location, f"model {source.name!r}", source.gguf_file, trust_remote_code)
-    return config, source.kind or _kind_of(config)
+    return config, source.kind or kind_of(config)
 
 
 def read_config(location: str | Path, owner: str, gguf_file: str | None = None, trust_remote_code: bool = False):
@@ -255,7 +255,7 @@ def check_weights_finite(model: nn.Module, what: str) -> None:
             raise NumericError(f"{what}: tensor {tensor_name} holds {bad} NaN or infinite values")
 
 
-def _kind_of(config) -> str:
+def kind_of(config) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     architectures = getattr(config, "architectures", None) or []

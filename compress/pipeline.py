@@ -41,7 +41,15 @@ from compress.hf import attach_quantizer
 from compress.integrity import file_digests
 from compress.memory import peak_rss_bytes, reset_peak_rss
 from compress.memory_plan import plan_memory
-from compress.models import EMBEDDED, count_parameters, embedded_path, find_blocks, load_model, resolve_model
+from compress.models import (
+    EMBEDDED,
+    LoadedModel,
+    count_parameters,
+    embedded_path,
+    find_blocks,
+    load_model,
+    resolve_model,
+)
 from compress.ownership import refuse_unowned
 from compress.recipe import Recipe, TextSource
 from compress.registry import STAGES
@@ -69,6 +77,7 @@ class Context:
     metrics: dict[str, Any] = field(default_factory=dict)  # the running stage's own figures, kept in the report
     teacher: dict[str, Any] = field(default_factory=dict)  # what `prepare` hooks recorded from the original model
     offload: Path | None = None  # calibration activations go to files under it (compress/offload.py)
+    texts: dict[str, str] = field(default_factory=dict)  # "calibration"/"evaluation" text given to compress.run
     _token_cache: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def tokens(self, source: TextSource) -> torch.Tensor:
@@ -80,17 +89,27 @@ class Context:
             self._token_cache[key] = textdata.tokenize(self.tokenizer, text)
         return self._token_cache[key]
 
+    def part_ids(self, part: str) -> torch.Tensor:
+        """The token ids of `data.calibration` or `data.evaluation`, its half selected."""
+        spec = getattr(self.recipe.data, part)
+        if spec.source == textdata.IN_MEMORY:
+            if part not in self.texts:
+                raise CompressError(f"data.{part}.source {textdata.IN_MEMORY!r} is text given to compress.run in "
+                                    "Python, and none was given")  # fmt: skip
+            ids = textdata.tokenize(self.tokenizer, self.texts[part])
+        else:
+            ids = self.tokens(spec)
+        return textdata.select_half(ids, spec.half)
+
     @cached_property
     def calibration_windows(self) -> torch.Tensor:
         spec = self.recipe.data.calibration
-        ids = textdata.select_half(self.tokens(spec), spec.half)
-        return textdata.random_windows(ids, spec.num_samples, spec.seq_len, self.recipe.seed)
+        return textdata.random_windows(self.part_ids("calibration"), spec.num_samples, spec.seq_len, self.recipe.seed)
 
     @cached_property
     def evaluation_windows(self) -> torch.Tensor:
         spec = self.recipe.data.evaluation
-        ids = textdata.select_half(self.tokens(spec), spec.half)
-        return textdata.consecutive_windows(ids, spec.num_windows, spec.seq_len)
+        return textdata.consecutive_windows(self.part_ids("evaluation"), spec.num_windows, spec.seq_len)
 
     def record_layer(self, name: str, module: QuantizedLinear, relative_error: float) -> None:
         self.layers[name] = {
@@ -110,6 +129,7 @@ def seed_everything(seed: int) -> None:
 class RunResult:
     model: nn.Module  # as exported: its logits are those of the checkpoint once loaded
     report: Report
+    out: Path | None = None  # the checkpoint written (None on the processes of a launch that do not write)
 
 
 def run(
@@ -121,6 +141,8 @@ def run(
     stream: bool = False,
     max_memory: int | None = None,
     offload: bool = False,
+    loaded: LoadedModel | None = None,
+    texts: dict[str, str] | None = None,
 ) -> RunResult:
     """Compress `recipe.model` with `recipe.stages`, evaluate before and after (unless `evaluate` is false),
     export to `recipe.export.out`. Finished stages and blocks are checkpointed beside the output; with `resume`, a
@@ -129,7 +151,12 @@ def run(
     With `stream`, the model is never loaded whole (compress/streaming.py). With `max_memory` (bytes), the run
     streams when the model would not fit, offloads the calibration activations to disk when they would not, and
     refuses at the start when even both need more. With `offload`, the calibration activations are kept in files
-    beside the output instead of in memory (compress/offload.py)."""
+    beside the output instead of in memory (compress/offload.py).
+
+    `loaded` is a model already in memory (compressed in place) with its tokenizer, instead of loading
+    `recipe.model.name`; `texts` the calibration or evaluation text of a source `in-memory` (`compress.run`)."""
+    if loaded is not None and (stream or max_memory is not None or resume):
+        raise CompressError("a model given in memory cannot stream, plan its memory or resume; name it instead")
     if max_memory is not None:
         plan = plan_memory(recipe, max_memory, stream, offload)
         stream, offload = plan.stream, plan.offload
@@ -138,9 +165,10 @@ def run(
     started = time.perf_counter()
     out = check_output(recipe, force)
     seed_everything(recipe.seed)
-    loaded = load_model(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
+    if loaded is None:
+        loaded = load_model(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     model = loaded.model
-    context = Context(recipe=recipe, tokenizer=loaded.tokenizer, kind=loaded.kind)
+    context = Context(recipe=recipe, tokenizer=loaded.tokenizer, kind=loaded.kind, texts=dict(texts or {}))
     raise_problems(recipe, recipe_problems(recipe, model)[0])
     report = Report(recipe=recipe.path, environment=environment())
     report.model = {
@@ -200,7 +228,7 @@ def run(
         )
         write_reports(directory, report, started, peak_before_stages)
     state.discard()
-    return RunResult(model, report)
+    return RunResult(model, report, out)
 
 
 def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool, offload: bool = False) -> RunResult:
@@ -263,7 +291,7 @@ def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool, 
         write_side_files(model, config, tokenizer, directory, recipe.to_yaml())
         write_reports(directory, report, started, peak_before_stages)
     state.discard()
-    return RunResult(model, report)
+    return RunResult(model, report, out)
 
 
 def write_reports(directory: Path, report: Report, started: float, peak_before_stages: int) -> None:

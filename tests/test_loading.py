@@ -18,7 +18,8 @@ from tests.conftest import tiny_recipe
 
 RTN = [{"stage": "rtn", "bits": 4, "group_size": 32}]
 
-STOCK_LOAD = "import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])"
+STOCK_LOAD = ("import sys; from transformers import AutoModelForCausalLM; "
+              "AutoModelForCausalLM.from_pretrained(sys.argv[1])")
 
 
 def logits(model, ids):
