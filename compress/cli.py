@@ -88,14 +88,17 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("checkpoint")
     verify.set_defaults(handler=_verify)
 
-    evaluate = commands.add_parser("eval", help="perplexity, size and speed of a checkpoint")
-    evaluate.add_argument("checkpoint")
+    evaluate = commands.add_parser("eval", help="perplexity, KL, size and speed of a checkpoint or any model")
+    evaluate.add_argument("model", help="a compress checkpoint, or a hub id, directory, .gguf file or embedded alias")
+    evaluate.add_argument("--against", metavar="ORIGINAL", help="also measure the KL to this model (same tokenizer)")
     evaluate.add_argument("--data", default="embedded", help="evaluation text: embedded, a file or a datasets name")
     evaluate.add_argument("--half", default="second", choices=["first", "second", "all"])
     evaluate.add_argument("--num-windows", type=int, default=32)
     evaluate.add_argument("--seq-len", type=int, default=512)
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
+    evaluate.add_argument("--no-speed", action="store_true", help="skip the decode and prefill timing")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.set_defaults(handler=_eval)
 
     generate = commands.add_parser(
@@ -180,33 +183,90 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+def _load_any(name: str, verify: bool):
+    """A compress checkpoint, or any model `load_model` takes: `(model, tokenizer)`."""
+    from compress.models import is_compress_checkpoint, load_model
 
+    if is_compress_checkpoint(name):
+        from transformers import AutoTokenizer
+
+        from compress.export import load
+
+        return load(name, verify=verify), AutoTokenizer.from_pretrained(name)
+    loaded = load_model(name)
+    return loaded.model, loaded.tokenizer
+
+
+def _eval(args: argparse.Namespace) -> int:
     from compress import data as textdata
     from compress.errors import CompressError
-    from compress.eval import decode_speed, directory_size, language_model_quality, prefill_speed, quantized_bits
-    from compress.export import load
+    from compress.eval import (
+        ReferenceCache,
+        decode_speed,
+        float16_weights_size,
+        language_model_quality,
+        prefill_speed,
+        quantized_bits,
+        weights_size,
+    )
+    from compress.models import is_compress_checkpoint
 
-    model = load(args.checkpoint, verify=not args.no_verify)
+    for option in ("num_windows", "seq_len", "batch_size"):
+        if getattr(args, option) < 1:
+            raise CompressError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    reference = windows = None
+    if args.against:
+        original, tokenizer = _load_any(args.against, not args.no_verify)
+        windows = _eval_windows(args, tokenizer, textdata)
+        reference = ReferenceCache(len(windows), windows.shape[1] - 1, original.get_output_embeddings().weight.shape[0])
+        language_model_quality(original, windows, args.batch_size, reference, record=True, desc="eval original")
+        del original
+    model, tokenizer = _load_any(args.model, not args.no_verify)
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
-        raise CompressError(f"checkpoint {args.checkpoint!r} is not a causal language model; eval measures perplexity")
-    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    ids = textdata.select_half(textdata.tokenize(tokenizer, textdata.load_text(args.data)), args.half)
-    windows = textdata.consecutive_windows(ids, args.num_windows, args.seq_len)
-    quality = language_model_quality(model, windows, args.batch_size)
+        raise CompressError(f"model {args.model!r} is not a causal language model; eval measures perplexity")
+    if windows is None:
+        windows = _eval_windows(args, tokenizer, textdata)
+    if reference is not None and model.get_output_embeddings().weight.shape[0] != reference.logprobs.shape[-1]:
+        raise CompressError(f"--against {args.against!r} has another vocabulary than {args.model!r}, so no KL "
+                            "between them")  # fmt: skip
+    quality = language_model_quality(model, windows, args.batch_size, reference)
+    if reference is not None:
+        reference.close()
     bits, weights = quantized_bits(model)
+    checkpoint = is_compress_checkpoint(args.model)
     result = {
+        "model": args.model,
+        "text": f"{args.data} ({args.half} half), {len(windows)} windows of {windows.shape[1]} tokens",
         "perplexity": quality.perplexity,
+        "kl_to_original": quality.kl_to_original,
         "tokens": quality.tokens,
-        "bits_per_weight": bits,
+        "bits_per_weight": bits if weights else None,
         "quantized_weights": weights,
-        "checkpoint_bytes": directory_size(args.checkpoint),
-        "decode_tokens_per_second": decode_speed(model, windows[:1, :16])[0],
-        "prefill_tokens_per_second": prefill_speed(model, windows[:1]),
+        "size_bytes": weights_size(args.model) if checkpoint else float16_weights_size(model),
     }
-    print(json.dumps(result, indent=2))
+    if not args.no_speed:
+        result["decode_tokens_per_second"] = decode_speed(model, windows[:1, :16])[0]
+        result["prefill_tokens_per_second"] = prefill_speed(model, windows[:1])
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    size_kind = "weight files" if checkpoint else "as float16"
+    rows = [("model", args.model), ("text", result["text"]), ("perplexity", f"{quality.perplexity:.3f}")]
+    if quality.kl_to_original is not None:
+        rows.append((f"KL to {args.against} (nats/token)", f"{quality.kl_to_original:.4f}"))
+    rows.append(("bits per weight (quantized layers)", f"{bits:.3f}" if weights else "- (none quantized)"))
+    rows.append((f"size ({size_kind})", f"{result['size_bytes'] / 2**20:.1f} MiB"))
+    if not args.no_speed:
+        rows.append(("decode tokens/s (batch 1)", f"{result['decode_tokens_per_second']:.1f}"))
+        rows.append(("prefill tokens/s (batch 1)", f"{result['prefill_tokens_per_second']:.0f}"))
+    width = max(len(label) for label, _ in rows)
+    print("\n".join(f"{label:<{width}}  {value}" for label, value in rows))
     return 0
+
+
+def _eval_windows(args: argparse.Namespace, tokenizer, textdata):
+    ids = textdata.select_half(textdata.tokenize(tokenizer, textdata.load_text(args.data)), args.half)
+    return textdata.consecutive_windows(ids, args.num_windows, args.seq_len)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -214,19 +274,11 @@ def _generate(args: argparse.Namespace) -> int:
 
     from compress.errors import CompressError
     from compress.eval import decode_speed, prefill_speed
-    from compress.export import load
     from compress.memory import resident_bytes
-    from compress.models import is_compress_checkpoint, load_model
 
     if args.max_new_tokens < 1:
         raise CompressError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if is_compress_checkpoint(args.model):
-        from transformers import AutoTokenizer
-
-        model, tokenizer = load(args.model, verify=not args.no_verify), AutoTokenizer.from_pretrained(args.model)
-    else:
-        loaded = load_model(args.model)
-        model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer = _load_any(args.model, not args.no_verify)
     if getattr(model, "generate", None) is None or model.get_output_embeddings() is None:
         raise CompressError(f"model {args.model!r} is not a causal language model; generate needs one")
     resident = resident_bytes()
@@ -252,14 +304,16 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     header = ("layer", "format", "settings", "bits/weight", "rel. error")
     table = [header] + [
-        (r["layer"], r["format"], r["settings"], f"{r['bits_per_weight']:.3f}", r["relative_error"]) for r in rows
+        (r["layer"], r["format"], r["settings"], f"{r['bits_per_weight']:.3f}",
+         "-" if r["relative_error"] is None else f"{r['relative_error']:.3e}") for r in rows
     ]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(f"{str(v):<{w}}" for v, w in zip(row, widths, strict=True)))
     print(
         f"\n{totals['layers']} compressed layers, {totals['weights']} weights, "
-        f"{totals['bits_per_weight']:.3f} bits per weight, checkpoint {totals['checkpoint_bytes'] / 2**20:.1f} MiB"
+        f"{totals['bits_per_weight']:.3f} bits per weight, size {totals['checkpoint_bytes'] / 2**20:.1f} MiB (weight "
+        f"files; {totals['directory_bytes'] / 2**20:.1f} MiB with the tokenizer, config and reports)"
     )
     return 0
 

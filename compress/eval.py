@@ -96,7 +96,26 @@ def quantized_bits(model: nn.Module) -> tuple[float, int]:
 
 
 def directory_size(path: str | Path) -> int:
+    """Every file of a checkpoint directory (tokenizer, config and reports included)."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def weights_size(path: str | Path) -> int:
+    """The size of a checkpoint as every report gives it: its weight files (`model.safetensors` or the shards),
+    headers included; the tokenizer, config and reports are not counted."""
+    from compress.integrity import weight_files
+
+    return sum(f.stat().st_size for f in weight_files(Path(path)))
+
+
+def float16_weights_size(model: nn.Module) -> int:
+    """What the same measure gives for `model` written as float16 safetensors (every unique tensor, 2 bytes per
+    floating element, integer tensors as they are; headers aside): the original's side of every comparison."""
+    from compress.models import unique_tensors
+
+    state = model.state_dict()
+    return sum(state[name].numel() * (2 if state[name].is_floating_point() else state[name].element_size())
+               for name in unique_tensors(model))  # fmt: skip
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from compress.eval import directory_size
+from compress.eval import directory_size, weights_size
 from compress.export import check_checkpoint
 from compress.integrity import DTYPE_BYTES, stored_tensors
 
@@ -24,7 +24,7 @@ def inspect_checkpoint(path: Path, *, verify: bool = True) -> tuple[list[dict[st
     rows = []
     total_bits = 0
     total_weights = 0
-    for name, settings in layers.items():
+    for name, settings in sorted(layers.items(), key=lambda item: natural_key(item[0])):
         pieces = {k: v for k, v in stored.items() if k.startswith(name + ".") and k != f"{name}.bias"}
         bits = sum(bits for bits, _ in pieces.values())
         weights = int(settings.get("in_features", 0)) * int(settings.get("out_features", 0))
@@ -37,16 +37,22 @@ def inspect_checkpoint(path: Path, *, verify: bool = True) -> tuple[list[dict[st
                 "format": settings.get("format"),
                 "settings": ", ".join(f"{k}={v}" for k, v in settings.items() if k not in SHAPE_KEYS),
                 "bits_per_weight": bits / weights if weights else math.nan,
-                "relative_error": "-" if error is None else f"{error:.3e}",
+                "relative_error": error,
             }
         )
     totals = {
         "layers": len(rows),
         "weights": total_weights,
         "bits_per_weight": total_bits / total_weights if total_weights else 0.0,
-        "checkpoint_bytes": directory_size(path),
+        "checkpoint_bytes": weights_size(path),
+        "directory_bytes": directory_size(path),
     }
     return rows, totals
+
+
+def natural_key(name: str) -> tuple:
+    """`model.layers.2.x` before `model.layers.10.x`: numbers compare as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
 
 
 def _tensor_bits(path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:

@@ -22,11 +22,13 @@ from compress.eval import (
     ReferenceCache,
     decode_speed,
     directory_size,
+    float16_weights_size,
     language_model_quality,
     prefill_speed,
     quantized_bits,
     sentence_embeddings,
     tokens_per_second,
+    weights_size,
 )
 from compress.export import (
     atomic_directory,
@@ -176,7 +178,7 @@ def run(
         "architecture": type(model).__name__,
         "parameters": count_parameters(model),
     }
-    report.size["dense_fp16_bytes"] = 2 * count_parameters(model)
+    report.size["original_bytes"] = float16_weights_size(model)
     # Under `accelerate launch` every process runs the recipe (training stages split their batches between them);
     # only the main process evaluates and writes.
     main_process = _is_main_process()
@@ -247,7 +249,7 @@ def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool, 
     report = Report(recipe=recipe.path, environment=environment())
     report.model = {"source": recipe.model.name, "architecture": type(model).__name__,
                     "parameters": count_parameters(model), "streamed": True}  # fmt: skip
-    report.size["dense_fp16_bytes"] = 2 * count_parameters(model)
+    report.size["original_bytes"] = float16_weights_size(model)
     state = RunState(run_directory(out), run_fingerprint(recipe, "streamed"), resume=resume)
     context.offload = state.scratch("activations") if offload else None
     evaluation = _Evaluation(model, kind, context, speed=False) if evaluate else None
@@ -296,7 +298,8 @@ def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool, 
 
 def write_reports(directory: Path, report: Report, started: float, peak_before_stages: int) -> None:
     """Size, time and peak memory into `report`, then report.md and report.json (with every file's digest)."""
-    report.size["checkpoint_bytes"] = directory_size(directory)
+    report.size["checkpoint_bytes"] = weights_size(directory)  # the one size every report and command gives
+    report.size["directory_bytes"] = directory_size(directory)  # with the tokenizer, config and reports
     peak = max([peak_before_stages, peak_rss_bytes(), *(s.peak_rss_bytes for s in report.stages)])
     report.total = {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak}
     (directory / "report.md").write_text(report.to_markdown())

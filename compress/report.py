@@ -43,7 +43,8 @@ class Report:
         if self.after.get("parameters", self.model.get("parameters")) != self.model.get("parameters"):
             rows.append(("parameters", _fmt(self.model.get("parameters")), _fmt(self.after.get("parameters"))))
         rows.append(("bits per weight (quantized layers)", "16", _fmt(self.after.get("bits_per_weight"))))
-        rows.append(("size on disk", _mb(self.size.get("dense_fp16_bytes")), _mb(self.size.get("checkpoint_bytes"))))
+        rows.append(("size (weight files; original as float16)", _mb(self.size.get("original_bytes")),
+                     _mb(self.size.get("checkpoint_bytes"))))  # fmt: skip
         for key, label in (("decode_tokens_per_second", "decode tokens/s (batch 1)"),
                            ("prefill_tokens_per_second", "prefill tokens/s (batch 1)"),
                            ("tokens_per_second", "forward tokens/s")):  # fmt: skip

@@ -50,9 +50,26 @@ def test_run_inspect_eval(model_dirs, tmp_path, capsys):
     )  # a .yaml file is no data source this tool reads
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    assert main(["eval", str(out), "--data", str(text), "--half", "all", "--seq-len", "32", "--num-windows", "2"]) == 0
+    window = ["--data", str(text), "--half", "all", "--seq-len", "32", "--num-windows", "2"]
+    assert main(["eval", str(out), *window, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["perplexity"] > 1 and result["bits_per_weight"] == pytest.approx(3 + 19 / 32)
+    assert result["size_bytes"] == (out / "model.safetensors").stat().st_size == inspected["totals"]["checkpoint_bytes"]
+    assert result["size_bytes"] == json.loads((out / "report.json").read_text())["size"]["checkpoint_bytes"]
+    assert "decode_tokens_per_second" in result and result["kl_to_original"] is None
+
+    # any model, against any other with its tokenizer: a table, with KL, and no timing with --no-speed
+    assert main(["eval", str(model_dirs["llama"]), *window, "--no-speed", "--json"]) == 0
+    original = json.loads(capsys.readouterr().out)
+    assert original["bits_per_weight"] is None and "decode_tokens_per_second" not in original
+    assert main(["eval", str(out), *window, "--against", str(model_dirs["llama"]), "--no-speed"]) == 0
+    table = capsys.readouterr().out
+    assert "KL to " in table and "perplexity" in table and "{" not in table
+    kl = float(table.split("(nats/token)")[1].split()[0])
+    assert kl > 0
+    assert main(["eval", str(model_dirs["llama"]), *window, "--against", str(model_dirs["llama"]), "--no-speed",
+                 "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["kl_to_original"] == pytest.approx(0, abs=1e-3)  # float16 reference
 
 
 def test_out_and_model_flags(model_dirs, tmp_path):
