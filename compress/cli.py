@@ -15,9 +15,7 @@ EXIT_INTERNAL = 1
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(args.verbose)
     from compress.errors import CompressError
 
     try:
@@ -39,12 +37,33 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def _configure_logging(verbose: bool) -> None:
+    """compress's own messages to stderr; the libraries keep their own handlers (configuring the root logger as
+    well printed each of their lines twice)."""
+    logger = logging.getLogger("compress")
+    if not any(getattr(handler, "compress_cli", False) for handler in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.compress_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
 def _parser() -> argparse.ArgumentParser:
+    from compress import __version__
+
     parser = argparse.ArgumentParser(prog="compress", description="Recipe-driven model compression.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"compress {__version__}")
+    # -v also after the command (`compress run recipe.yaml -v`); absent there, it leaves the value before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="compress a model with a recipe, evaluate it and export it")
+    def command(name: str, **options) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], **options)
+
+    run = command("run", help="compress a model with a recipe, evaluate it and export it")
     run.add_argument("recipe", help="YAML recipe file")
     run.add_argument("--model", help="hub id, local directory, .gguf file or embedded alias (overrides the recipe)")
     run.add_argument("--out", help="output checkpoint directory (overrides export.out)")
@@ -73,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=_run)
 
-    validate = commands.add_parser(
+    validate = command(
         "validate", help="check a recipe against its model's config (no weights read), listing every problem"
     )
     validate.add_argument("recipe", help="YAML recipe file")
@@ -81,14 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     validate.set_defaults(handler=_validate)
 
-    schema = commands.add_parser("schema", help="print the JSON Schema of recipes")
+    schema = command("schema", help="print the JSON Schema of recipes")
     schema.set_defaults(handler=_schema)
 
-    verify = commands.add_parser("verify", help="check a checkpoint's files, sha256 and tensor headers")
+    verify = command("verify", help="check a checkpoint's files, sha256 and tensor headers")
     verify.add_argument("checkpoint")
     verify.set_defaults(handler=_verify)
 
-    evaluate = commands.add_parser("eval", help="perplexity, KL, size and speed of a checkpoint or any model")
+    evaluate = command("eval", help="perplexity, KL, size and speed of a checkpoint or any model")
     evaluate.add_argument("model", help="a compress checkpoint, or a hub id, directory, .gguf file or embedded alias")
     evaluate.add_argument("--against", metavar="ORIGINAL", help="also measure the KL to this model (same tokenizer)")
     evaluate.add_argument("--data", default="embedded", help="evaluation text: embedded, a file or a datasets name")
@@ -101,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.set_defaults(handler=_eval)
 
-    generate = commands.add_parser(
+    generate = command(
         "generate", help="greedy text from a checkpoint or any model, with decode and prefill tokens/s at batch 1"
     )
     generate.add_argument("model", help="a compress checkpoint, or a hub id, directory, .gguf file or embedded alias")
@@ -110,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-verify", action="store_true", help="skip the sha256 check of a checkpoint's files")
     generate.set_defaults(handler=_generate)
 
-    inspect = commands.add_parser("inspect", help="per-layer format, bits per weight and error of a checkpoint")
+    inspect = command("inspect", help="per-layer format, bits per weight and error of a checkpoint")
     inspect.add_argument("checkpoint")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")

@@ -93,9 +93,50 @@ def resolve_model(name: str) -> ModelSource:
                 f"model {name!r}: its weights are only in {pickled[0]}, a pickle file; compress reads safetensors "
                 "only (a pickle can run code when loaded): convert it with a tool you trust first"
             )
-    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise CompressError(f"model {name!r}: no such directory")
+    if not path.exists():
+        check_hub_id(name)
     return ModelSource(name, name, None, "")
+
+
+def check_hub_id(name: str) -> None:
+    """Refuse at once a missing local path, or a hub id that cannot be fetched (no network and not cached),
+    instead of transformers' retries: a name is local when it starts like a path, has more than one `/`, or
+    its first part is a directory here (`out/x` when `out/` exists)."""
+    first = name.split("/")[0]
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and Path(first).is_dir()):
+        raise CompressError(f"model {name!r}: no such directory")
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as error:
+        shown = name if len(name) <= 100 else f"{name[:100]}... ({len(name)} characters)"
+        raise CompressError(f"model {shown!r}: no such file or directory, and not a hub id (owner/name: letters, "
+                            "digits, '-', '_' and '.', at most 96 characters)") from error
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # cached: transformers reads it without the network
+    if constants.HF_HUB_OFFLINE:
+        raise CompressError(f"model {name!r}: no such directory, and the hub id is not in the local cache "
+                            "(HF_HUB_OFFLINE is set, so nothing is downloaded)")  # fmt: skip
+    reason = hub_unreachable(constants.ENDPOINT)
+    if reason:
+        raise CompressError(f"model {name!r}: no such directory, and the hub id cannot be downloaded: "
+                            f"{constants.ENDPOINT} is unreachable ({reason}) and it is not in the local cache")
+
+
+def hub_unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """Why the hub at `endpoint` cannot be reached (a TCP connection within `timeout`), or None."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    return None
 
 
 def load_config(source: ModelSource, *, trust_remote_code: bool = False) -> tuple[object, str]:

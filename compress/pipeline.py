@@ -61,7 +61,7 @@ from compress.run_state import RunState, fingerprint, run_directory
 from compress.streaming import BlockStreamer, StreamedEvaluation, link_shards, load_outside, open_streamed
 from compress.train_state import KIND as TRAINING_CHECKPOINT
 from compress.train_state import training_directory
-from compress.validate import raise_problems, recipe_problems
+from compress.validate import raise_problems, recipe_model, recipe_problems
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,8 @@ def run(
     if stream:
         return _run_streamed(recipe, force=force, evaluate=evaluate, resume=resume, offload=offload)
     started = time.perf_counter()
+    if loaded is None:
+        recipe_model(recipe)  # a missing model fails before anything else, naming the recipe that writes it
     out = check_output(recipe, force)
     seed_everything(recipe.seed)
     if loaded is None:
@@ -242,7 +244,7 @@ def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool, 
     if problems:
         raise CompressError(f"recipe {recipe.path} cannot stream:\n  " + "\n  ".join(problems))
     seed_everything(recipe.seed)
-    source = resolve_model(recipe.model.name)
+    source = recipe_model(recipe)
     model, tokenizer, kind, weights = open_streamed(source, trust_remote_code=recipe.model.trust_remote_code)
     context = Context(recipe=recipe, tokenizer=tokenizer, kind=kind)
     raise_problems(recipe, recipe_problems(recipe, model)[0])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -100,7 +102,8 @@ class Recipe(BaseModel):
     stages: list[Stage]
     export: ExportSpec
     path: str = "<recipe>"
-    lines: dict[tuple, int] = Field(default_factory=dict, exclude=True)  # recipe field path -> line in the file
+    # recipe field path -> line in the file, or the `--set KEY=VALUE` that gave it
+    lines: dict[tuple, int | str] = Field(default_factory=dict, exclude=True)
 
     def problem(self, loc: tuple, message: str, value: Any = None) -> str:
         """`message` about the field at `loc`, prefixed with the recipe file and the field's line."""
@@ -181,6 +184,9 @@ def _parse_recipe(text: str, source: str, overrides: dict[str, Any] | None) -> R
         raw["model"] = {"name": raw["model"]}  # `model: NAME` is short for `model: {name: NAME}`
     for dotted, value in (overrides or {}).items():
         _set_path(raw, dotted, value, source)
+        path = tuple(int(part) if part.isdigit() else part for part in dotted.split("."))
+        lines = {loc: line for loc, line in lines.items() if loc[: len(path)] != path}
+        lines[path] = f"--set {dotted}={_shown(value)}"
 
     problems: list[str] = [
         _describe(loc, "text may not contain NUL characters", None, lines, source) for loc in _nul(raw)
@@ -188,7 +194,8 @@ def _parse_recipe(text: str, source: str, overrides: dict[str, Any] | None) -> R
     try:
         fields = RecipeFields.model_validate(raw)
     except ValidationError as error:
-        problems += [_describe(e["loc"], e["msg"], e.get("input"), lines, source) for e in error.errors()]
+        problems += [_describe(e["loc"], _message(e, RecipeFields), e.get("input"), lines, source)
+                     for e in error.errors()]  # fmt: skip
         fields = None
     stages: list[Stage] = []
     for index, entry in enumerate(raw.get("stages") or [] if isinstance(raw.get("stages"), list) else []):
@@ -234,7 +241,15 @@ def json_schema() -> dict[str, Any]:
         stage_schema["additionalProperties"] = False
         stage_schema["title"] = f"stage {name}"
         variants.append(stage_schema)
-    schema["properties"]["stages"]["items"] = {"oneOf": variants}
+    # `if stage is X then X's options` rather than `oneOf`: a typo in one stage's field is reported against that
+    # stage alone, not as a failure to match every other stage
+    schema["properties"]["stages"]["items"] = {
+        "type": "object",
+        "required": ["stage"],
+        "properties": {"stage": {"enum": sorted(STAGES)}},
+        "allOf": [{"if": {"properties": {"stage": {"const": v["properties"]["stage"]["const"]}}, "required": ["stage"]},
+                   "then": v} for v in variants],
+    }  # fmt: skip
     schema["properties"]["model"] = {"anyOf": [{"type": "string", "minLength": 1}, schema["properties"]["model"]]}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "compress recipe"
@@ -253,7 +268,31 @@ def _validate_stage(index: int, entry: Any, lines: dict, source: str) -> tuple[S
     try:
         return Stage(name=name, config=STAGES[name].config.model_validate(settings)), []
     except ValidationError as error:
-        return None, [_describe((*where, *e["loc"]), e["msg"], e.get("input"), lines, source) for e in error.errors()]
+        return None, [_describe((*where, *e["loc"]), _message(e, STAGES[name].config, ("stage",)), e.get("input"),
+                                lines, source) for e in error.errors()]  # fmt: skip
+
+
+def _message(error: dict, model: type[BaseModel], extra_fields: tuple[str, ...] = ()) -> str:
+    """pydantic's message, and for an unknown field the nearest valid name and every valid one."""
+    if error["type"] != "extra_forbidden":
+        return error["msg"]
+    *parents, name = error["loc"]
+    for part in parents:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        nested = [t for t in getattr(field.annotation, "__args__", (field.annotation,)) if isinstance(t, type)
+                  and issubclass(t, BaseModel)] if field is not None else []  # fmt: skip
+        if not nested:
+            return "unknown field"
+        model, extra_fields = nested[0], ()
+    valid = [*extra_fields, *model.model_fields]
+    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
+    hint = f"did you mean `{close[0]}`? " if close else ""
+    return f"unknown field; {hint}valid fields: {', '.join(valid)}"
+
+
+def _shown(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _describe(loc: tuple, message: str, value: Any, lines: dict, source: str) -> str:
@@ -264,7 +303,7 @@ def _describe(loc: tuple, message: str, value: Any, lines: dict, source: str) ->
         line = lines.get(tuple(loc[:depth]))
         if line is not None:
             break
-    where = f"{source}, line {line}" if line else source
+    where = line if isinstance(line, str) else f"{source}, line {line}" if line else source
     shown = "" if isinstance(value, dict) or value is None else repr(value)
     shown = shown if len(shown) <= MAX_SHOWN else f"{shown[:MAX_SHOWN]}... ({len(shown)} characters)"
     shown = f" (got {shown})" if shown else ""

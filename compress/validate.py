@@ -4,6 +4,7 @@ selection, group sizes against the layers' shapes, sequence lengths, data files.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -11,7 +12,7 @@ from compress.data import local_source_problem
 from compress.errors import CompressError
 from compress.formats.base import QuantizedLinear
 from compress.hf import install_from_config
-from compress.models import load_config, resolve_model, skeleton
+from compress.models import ModelSource, load_config, resolve_model, skeleton
 from compress.recipe import Recipe
 from compress.registry import STAGES
 from compress.stages.base import LayerSelection, selected_layers
@@ -72,9 +73,38 @@ def raise_problems(recipe: Recipe, problems: list[str]) -> None:
         raise CompressError(f"recipe {recipe.path} does not fit the model:\n  " + "\n  ".join(problems))
 
 
+def recipe_model(recipe: Recipe) -> ModelSource:
+    """Where the recipe's model is; a missing local directory that another recipe beside this one writes is
+    named with that recipe, to run first (`recipes/pv-tune.yaml` reads what `recipes/nupes-w2.yaml` writes)."""
+    try:
+        return resolve_model(recipe.model.name)
+    except CompressError as error:
+        writers = writers_of(recipe.model.name, Path(recipe.path).parent) if Path(recipe.path).is_file() else []
+        if not writers:
+            raise
+        raise CompressError(f"{error}; it is the output of {writers[0]}: run `compress run {writers[0]}` "
+                            "first") from error  # fmt: skip
+
+
+def writers_of(out: str, directory: Path) -> list[str]:
+    """The recipe files in `directory` whose `export.out` is `out`."""
+    import yaml
+
+    found = []
+    for path in sorted(directory.glob("*.yaml")):
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        export = raw.get("export") if isinstance(raw, dict) else None
+        if isinstance(export, dict) and isinstance(export.get("out"), str) and Path(export["out"]) == Path(out):
+            found.append(str(path))
+    return found
+
+
 def validate(recipe: Recipe) -> Validation:
     """Check `recipe` against its model's config alone (no weights are read); raise with every problem."""
-    source = resolve_model(recipe.model.name)
+    source = recipe_model(recipe)
     config, kind = load_config(source, trust_remote_code=recipe.model.trust_remote_code)
     model = skeleton(config, kind, trust_remote_code=recipe.model.trust_remote_code)
     install_from_config(model, config, f"model {recipe.model.name!r}")  # a compress checkpoint: its layers

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from compress.cli import main
+from compress.errors import CompressError
 from tests.conftest import TINY_DATA
 
 
@@ -107,3 +108,38 @@ def test_missing_recipe_and_checkpoint(tmp_path):
     assert main(["run", str(tmp_path / "none.yaml")]) == 2
     assert main(["inspect", str(tmp_path)]) == 2
     assert main(["eval", str(tmp_path)]) == 2
+
+
+def test_missing_models_fail_at_once_and_say_what_to_do(tmp_path, monkeypatch, capsys):
+    """No retried downloads for a name that is a missing local path, or a hub id that cannot be fetched."""
+    import time
+
+    from compress.models import hub_unreachable, resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "first.yaml").write_text("stages:\n  - stage: rtn\nexport:\n  out: out/first\n")
+    (tmp_path / "recipes" / "second.yaml").write_text("model: out/first\nstages:\n  - stage: rtn\n")
+    started = time.perf_counter()
+    assert main(["validate", "recipes/second.yaml"]) == 2
+    message = capsys.readouterr().err
+    assert "'out/first': no such directory" in message and "run `compress run recipes/first.yaml` first" in message
+    with pytest.raises(CompressError, match="not in the local cache"):
+        resolve_model("someone/not-cached-model")  # the tests run with HF_HUB_OFFLINE=1
+    with pytest.raises(CompressError, match="not a hub id"):
+        resolve_model("a b c")
+    assert time.perf_counter() - started < 10
+    assert hub_unreachable("https://hub.invalid") is not None
+
+
+def test_version_and_verbose_after_the_command(capsys):
+    from compress import __version__
+    from compress.cli import _parser
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"compress {__version__}"
+    assert _parser().parse_args(["validate", "r.yaml", "-v"]).verbose
+    assert _parser().parse_args(["-v", "validate", "r.yaml"]).verbose
+    assert not _parser().parse_args(["validate", "r.yaml"]).verbose

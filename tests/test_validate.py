@@ -105,9 +105,12 @@ def test_schema_accepts_every_shipped_recipe_and_rejects_bad_ones(capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     jsonschema.Draft202012Validator.check_schema(schema)
-    variants = schema["properties"]["stages"]["items"]["oneOf"]
+    variants = [v["then"] for v in schema["properties"]["stages"]["items"]["allOf"]]
     assert sorted(v["properties"]["stage"]["const"] for v in variants) == sorted(STAGES)
     validator = jsonschema.Draft202012Validator(schema)
+    # a typo in a field of one stage is reported for that stage only, naming the field
+    errors = list(validator.iter_errors({"stages": [{"stage": "nupes", "group_szie": 64}]}))
+    assert len(errors) == 1 and "group_szie" in errors[0].message and errors[0].schema.get("title") == "stage nupes"
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     assert recipes
     for path in recipes:
@@ -116,6 +119,7 @@ def test_schema_accepts_every_shipped_recipe_and_rejects_bad_ones(capsys):
         {"stages": [{"stage": "rtn", "bits": 9}]},
         {"stages": [{"stage": "nupes", "mode": "sometimes"}]},
         {"stages": [{"stage": "rtn", "colour": 1}]},
+        {"stages": [{"stage": "quantum"}]},
         {"stages": []},
         {"seed": -1, "stages": [{"stage": "rtn"}]},
         {"stages": [{"stage": "rtn"}], "export": {"format": "zip"}},

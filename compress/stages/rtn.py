@@ -13,7 +13,7 @@ from compress.stages.base import LayerSelection, block_linears, check_finite, gr
 
 class RtnConfig(LayerSelection):
     bits: int = Field(4, ge=2, le=8)
-    group_size: int | None = Field(128, ge=1, description="input weights per scale; null for one scale per row")
+    group_size: int | None = Field(64, ge=1, description="input weights per scale; null for one scale per row")
 
 
 @register_block_stage("rtn", RtnConfig, calibration_batch=lambda config: None, quantizes=True,
