@@ -143,6 +143,17 @@ def decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32) -
 
 
 @torch.no_grad()
+def greedy_text(model: nn.Module, tokenizer, prompt: str, new_tokens: int) -> str:
+    """The greedy continuation of `prompt` (the new text only), for a side-by-side look at two models."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        return ""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad if pad is not None else 0)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+@torch.no_grad()
 def prefill_speed(model: nn.Module, ids: torch.Tensor, repeats: int = 2) -> float:
     """Tokens per second of one batch-1 forward over `ids [1, n]` (a prompt being read), best of `repeats`."""
     model(input_ids=ids[:, :8])

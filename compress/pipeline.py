@@ -23,6 +23,7 @@ from compress.eval import (
     decode_speed,
     directory_size,
     float16_weights_size,
+    greedy_text,
     language_model_quality,
     prefill_speed,
     quantized_bits,
@@ -174,7 +175,7 @@ def run(
     model = loaded.model
     context = Context(recipe=recipe, tokenizer=loaded.tokenizer, kind=loaded.kind, texts=dict(texts or {}))
     raise_problems(recipe, recipe_problems(recipe, model)[0])
-    report = Report(recipe=recipe.path, environment=environment())
+    report = Report(recipe=recipe.path, overrides=recipe.overrides, environment=environment())
     report.model = {
         "source": recipe.model.name,
         "architecture": type(model).__name__,
@@ -219,6 +220,7 @@ def run(
     attach_quantizer(model)  # save_pretrained of the result writes the packed format
     if evaluation is not None:
         report.after = evaluation.measure(model, original=False)
+        report.samples = evaluation.samples
         evaluation.close()
     report.after["bits_per_weight"], report.after["quantized_weights"] = quantized_bits(model)
     report.after["parameters"] = count_parameters(model)  # fewer after pruning
@@ -248,7 +250,7 @@ def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool, 
     model, tokenizer, kind, weights = open_streamed(source, trust_remote_code=recipe.model.trust_remote_code)
     context = Context(recipe=recipe, tokenizer=tokenizer, kind=kind)
     raise_problems(recipe, recipe_problems(recipe, model)[0])
-    report = Report(recipe=recipe.path, environment=environment())
+    report = Report(recipe=recipe.path, overrides=recipe.overrides, environment=environment())
     report.model = {"source": recipe.model.name, "architecture": type(model).__name__,
                     "parameters": count_parameters(model), "streamed": True}  # fmt: skip
     report.size["original_bytes"] = float16_weights_size(model)
@@ -301,6 +303,9 @@ def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool, 
 def write_reports(directory: Path, report: Report, started: float, peak_before_stages: int) -> None:
     """Size, time and peak memory into `report`, then report.md and report.json (with every file's digest)."""
     report.size["checkpoint_bytes"] = weights_size(directory)  # the one size every report and command gives
+    chart = report.error_chart()
+    if chart is not None:
+        (directory / "report.svg").write_text(chart)
     report.size["directory_bytes"] = directory_size(directory)  # with the tokenizer, config and reports
     peak = max([peak_before_stages, peak_rss_bytes(), *(s.peak_rss_bytes for s in report.stages)])
     report.total = {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak}
@@ -387,6 +392,8 @@ class _Evaluation:
         self.windows = context.evaluation_windows
         self.reference: ReferenceCache | None = None
         self.embeddings: torch.Tensor | None = None
+        self.tokenizer = context.tokenizer
+        self.samples: dict[str, str] = {}  # the prompt and each model's greedy continuation
         if self.kind == "causal-lm":
             vocab = model.get_output_embeddings().weight.shape[0]
             self.reference = ReferenceCache(len(self.windows), self.windows.shape[1] - 1, vocab)
@@ -413,6 +420,11 @@ class _Evaluation:
                 result["embedding_cosine"] = 1.0
             else:
                 result["embedding_cosine"] = float((embeddings * self.embeddings).sum(-1).mean())
+        if self.speed and self.kind == "causal-lm" and self.spec.sample_tokens:
+            self.samples["prompt"] = self.spec.prompt
+            self.samples["original" if original else "compressed"] = greedy_text(
+                model, self.tokenizer, self.spec.prompt, self.spec.sample_tokens
+            )
         if self.speed and self.kind == "causal-lm":
             window = self.windows[:1]
             result["decode_tokens_per_second"] = decode_speed(model, window[:, :16], DECODE_TOKENS)[0]

@@ -60,6 +60,8 @@ class EvaluationData(TextSource):
     half: Literal["first", "second", "all"] = "second"
     num_windows: int = Field(32, ge=1, le=1_000_000)
     batch_size: int = Field(4, ge=1, le=4096)
+    prompt: str = Field("The capital of France is", description="continued greedily by both models in the report")
+    sample_tokens: int = Field(24, ge=0, le=4096, description="tokens of that sample; 0 for none")
 
 
 class DataSpec(Strict):
@@ -104,6 +106,7 @@ class Recipe(BaseModel):
     path: str = "<recipe>"
     # recipe field path -> line in the file, or the `--set KEY=VALUE` that gave it
     lines: dict[tuple, int | str] = Field(default_factory=dict, exclude=True)
+    overrides: dict[str, Any] = Field(default_factory=dict, exclude=True)  # `--set` fields, as given
 
     def problem(self, loc: tuple, message: str, value: Any = None) -> str:
         """`message` about the field at `loc`, prefixed with the recipe file and the field's line."""
@@ -214,6 +217,7 @@ def _parse_recipe(text: str, source: str, overrides: dict[str, Any] | None) -> R
         export=fields.export,
         path=source,
         lines=lines,
+        overrides=dict(overrides or {}),
     )
 
 

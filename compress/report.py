@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+WORST_SHOWN = 5  # layers listed by name in the summary of layers
+BLOCK_LAYER = re.compile(r"^(.*?)\.(\d+)\.(.+)$")  # `<blocks>.<index>.<layer>`, e.g. model.layers.3.mlp.up_proj
 
 
 @dataclass
@@ -20,6 +24,8 @@ class StageRecord:
 class Report:
     model: dict[str, Any] = field(default_factory=dict)
     recipe: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)  # `--set` fields (the resolved recipe is recipe.yaml)
+    samples: dict[str, Any] = field(default_factory=dict)  # a short greedy generation: prompt, original, compressed
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] = field(default_factory=dict)
     size: dict[str, Any] = field(default_factory=dict)
@@ -54,26 +60,136 @@ class Report:
         rows.append(("peak memory (RSS)", "", _mb(self.total.get("peak_rss_bytes"))))
         return rows
 
+    def headline(self) -> str:
+        """What a person reads first: size, quality and speed against the original, in two sentences."""
+        parts = []
+        bits, after, before = self.after.get("bits_per_weight"), self.size.get("checkpoint_bytes"), \
+            self.size.get("original_bytes")  # fmt: skip
+        if bits:
+            parts.append(f"{bits:.2f} bits per weight in the compressed layers")
+        if after and before:
+            parts.append(f"{_mb(after)} of weights against {_mb(before)} as float16 ({before / after:.2f}x smaller)")
+        sentence = "; ".join(parts)
+        quality = []
+        if "perplexity" in self.before and "perplexity" in self.after:
+            change = self.after["perplexity"] / self.before["perplexity"] - 1
+            quality.append(f"perplexity {self.before['perplexity']:.2f} -> {self.after['perplexity']:.2f} "
+                           f"({change:+.1%})")  # fmt: skip
+        if self.after.get("kl_to_original") is not None:
+            kl = self.after["kl_to_original"]
+            quality.append(f"KL to the original {kl:.3f} nats/token ({_closeness(kl)})")
+        if "embedding_cosine" in self.after:
+            quality.append(f"embedding cosine to the original {self.after['embedding_cosine']:.4f}")
+        before_speed, after_speed = self.before.get("decode_tokens_per_second"), \
+            self.after.get("decode_tokens_per_second")  # fmt: skip
+        if before_speed and after_speed:
+            quality.append(f"batch-1 decode {after_speed / before_speed:.2f}x the original's tokens/s")
+        text = sentence + ". " if sentence else ""
+        if quality:
+            text += quality[0][0].upper() + "; ".join(quality)[1:] + "."
+        seconds = self.total.get("seconds")
+        if seconds is not None:
+            took = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+            text += f" The run took {took}, peak memory {_mb(self.total.get('peak_rss_bytes'))}."
+        return text
+
+    def recipe_line(self) -> str:
+        overrides = " ".join(f"--set {k}={json.dumps(v) if not isinstance(v, str) else v}"
+                             for k, v in self.overrides.items())  # fmt: skip
+        return f"`{self.recipe}`" + (f" with `{overrides}`" if overrides else "") + " (resolved in `recipe.yaml`)"
+
     def to_text(self) -> str:
         rows = [("", "before", "after"), *self.summary_rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows)
+        lines = [self.headline(), ""]
+        lines += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
+        if self.samples:
+            lines += ["", f"prompt: {self.samples['prompt']!r}",
+                      f"  original:   {self.samples['original']!r}", f"  compressed: {self.samples['compressed']!r}"]
+        worst = self.worst_layers()
+        if worst:
+            lines += ["", "largest relative weight errors: " + ", ".join(f"{n} {e:.3g}" for n, e in worst)]
+        return "\n".join(lines)
+
+    def worst_layers(self) -> list[tuple[str, float]]:
+        errors = [(n, layer["relative_error"]) for n, layer in self.layers.items()
+                  if isinstance(layer.get("relative_error"), (int, float))]  # fmt: skip
+        return sorted(errors, key=lambda item: -item[1])[:WORST_SHOWN]
+
+    def layer_kinds(self) -> dict[str, dict[str, Any]]:
+        """Per kind of layer (`self_attn.q_proj`, ...): count, bits per weight, mean and largest error by block."""
+        kinds: dict[str, dict[str, Any]] = {}
+        for name, layer in self.layers.items():
+            match = BLOCK_LAYER.match(name)
+            kind, block = (match.group(3), int(match.group(2))) if match else (name, None)
+            entry = kinds.setdefault(kind, {"layers": 0, "weights_bits": [], "errors": []})
+            entry["layers"] += 1
+            entry["weights_bits"].append(layer["bits_per_weight"])
+            if isinstance(layer.get("relative_error"), (int, float)):
+                entry["errors"].append((block, layer["relative_error"]))
+        return kinds
+
+    def error_chart(self) -> str | None:
+        """SVG: each kind of layer's relative weight error by block (None without per-layer errors)."""
+        from compress.plot import line_chart_svg
+
+        series = {kind: [(block, error) for block, error in entry["errors"] if block is not None]
+                  for kind, entry in self.layer_kinds().items()}  # fmt: skip
+        series = {kind: points for kind, points in series.items() if points}
+        if not series:
+            return None
+        return line_chart_svg(series, "Relative weight error by block", "block", "relative weight error")
 
     def to_markdown(self) -> str:
-        lines = [f"# Compression report: {self.model.get('source', '')}", "", f"Recipe: `{self.recipe}`", ""]
+        lines = [f"# Compression report: {self.model.get('source', '')}", "", self.headline(), ""]
+        lines += [f"Recipe: {self.recipe_line()}", ""]
         lines += ["| measure | before | after |", "|---|---:|---:|"]
         lines += [f"| {a} | {b} | {c} |" for a, b, c in self.summary_rows()]
+        if self.samples:
+            lines += ["", "## A greedy sample", "", f"Prompt: {_cell(self.samples['prompt'])}", "",
+                      "| original | compressed |", "|---|---|",
+                      f"| {_cell(self.samples['original'])} | {_cell(self.samples['compressed'])} |"]  # fmt: skip
         lines += ["", "## Stages", "", "| stage | seconds | peak RSS |", "|---|---:|---:|"]
         lines += [f"| {s.name} | {s.seconds:.1f} | {_mb(s.peak_rss_bytes)} |" for s in self.stages]
-        lines += ["", "## Layers", "", "| layer | format | settings | bits/weight | relative weight error |"]
-        lines += ["|---|---|---|---:|---:|"]
-        for name, layer in self.layers.items():
-            settings = ", ".join(f"{k}={v}" for k, v in layer.get("settings", {}).items())
-            lines.append(
-                f"| {name} | {layer['format']} | {settings} | {layer['bits_per_weight']:.3f} | "
-                f"{_fmt(layer.get('relative_error'))} |"
-            )
+        if self.layers:
+            lines += ["", "## Layers", ""]
+            if self.error_chart() is not None:
+                lines += ["![relative weight error by block](report.svg)", ""]
+            lines += ["| kind | layers | bits/weight | mean relative error | largest (block) |",
+                      "|---|---:|---:|---:|---:|"]  # fmt: skip
+            for kind, entry in self.layer_kinds().items():
+                bits = sum(entry["weights_bits"]) / len(entry["weights_bits"])
+                errors = entry["errors"]
+                mean = _fmt(sum(e for _, e in errors) / len(errors)) if errors else "-"
+                block, largest = max(errors, key=lambda item: item[1]) if errors else (None, None)
+                where = "" if block is None else f" ({block})"
+                lines.append(f"| {kind} | {entry['layers']} | {bits:.3f} | {mean} | {_fmt(largest)}{where} |")
+            worst = self.worst_layers()
+            if worst:
+                lines += ["", "Largest relative weight errors: " + ", ".join(f"`{n}` {e:.3g}" for n, e in worst)]
+            lines += ["", f"<details><summary>All {len(self.layers)} layers</summary>", "",
+                      "| layer | format | settings | bits/weight | relative weight error |", "|---|---|---|---:|---:|"]
+            for name, layer in self.layers.items():
+                settings = ", ".join(f"{k}={v}" for k, v in layer.get("settings", {}).items())
+                lines.append(f"| {name} | {layer['format']} | {settings} | {layer['bits_per_weight']:.3f} | "
+                             f"{_fmt(layer.get('relative_error'))} |")  # fmt: skip
+            lines += ["", "</details>"]
         return "\n".join(lines) + "\n"
+
+
+def _closeness(kl: float) -> str:
+    """A reading of the KL per token (a rule of thumb, said as one in the docs)."""
+    if kl < 0.05:
+        return "very close to the original"
+    if kl < 0.15:
+        return "close to the original"
+    if kl < 0.5:
+        return "a noticeable change"
+    return "a large change"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ").strip() or "(nothing)"
 
 
 def environment() -> dict[str, Any]:

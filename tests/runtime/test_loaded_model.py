@@ -80,7 +80,8 @@ def test_eval_reports_the_same_quality_with_and_without_the_kernels(checkpoint, 
     results = []
     for switch in ("1", "0"):
         monkeypatch.setenv(kernels.SWITCH, switch)
-        assert main(["eval", str(checkpoint), "--num-windows", "2", "--seq-len", "32", "--batch-size", "2"]) == 0
+        window = ["--num-windows", "2", "--seq-len", "32", "--batch-size", "2"]
+        assert main(["eval", str(checkpoint), *window, "--json"]) == 0
         results.append(json.loads(capsys.readouterr().out))
     compiled, reference = results
     assert compiled["tokens"] == reference["tokens"] > 0
