@@ -4,6 +4,7 @@ depth."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,26 +30,50 @@ class BlockInputs:
     kwargs: list[dict[str, Any]] = field(default_factory=list)
 
     @torch.no_grad()
-    def run(self, block: nn.Module) -> list[torch.Tensor] | DiskTensors:
-        """The block's output hidden states for every batch (on disk if the inputs are)."""
+    def run(self, block: nn.Module, batches: Sequence[int] | None = None) -> list[torch.Tensor] | DiskTensors:
+        """The block's output hidden states for every batch, or for `batches` in that order (on disk if the
+        inputs are)."""
         outputs = empty_like(self.hidden)
-        for hidden, args, kwargs in zip(self.hidden, self.args, self.kwargs, strict=True):
-            outputs.append(_first(block(hidden, *args, **kwargs)))
+        for index in range(len(self.hidden)) if batches is None else batches:
+            outputs.append(_first(block(self.hidden[index], *self.args[index], **self.kwargs[index])))
         return outputs
 
 
+class ByBatch(Mapping[int, torch.Tensor]):
+    """Block outputs computed for some batches of a `BlockInputs`, looked up by batch number; outputs kept on
+    disk stay there until looked up."""
+
+    def __init__(self) -> None:
+        self._where: dict[int, tuple[Sequence[torch.Tensor], int]] = {}
+
+    def add(self, batches: Sequence[int], outputs: Sequence[torch.Tensor]) -> None:
+        for position, batch in enumerate(batches):
+            self._where[batch] = (outputs, position)
+
+    def __getitem__(self, batch: int) -> torch.Tensor:
+        outputs, position = self._where[batch]
+        return outputs[position]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
 def run_collecting(
-    block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Module], collector
+    block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Module], collector,
+    batches: Sequence[int] | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """Run `block` on every batch of `inputs` while `collector(linear)` objects are fed each linear's input
-    (their `add_batch(x)`). Returns the block's outputs and the collectors by linear name."""
+    """Run `block` on every batch of `inputs` (or on `batches`) while `collector(linear)` objects are fed each
+    linear's input (their `add_batch(x)`). Returns the block's outputs and the collectors by linear name."""
     collectors = {name: collector(linear) for name, linear in linears.items()}
     hooks = [
         linear.register_forward_hook(lambda module, args, output, c=collectors[name]: c.add_batch(args[0]))
         for name, linear in linears.items()
     ]
     try:
-        outputs = inputs.run(block)
+        outputs = inputs.run(block, batches)
     finally:
         for hook in hooks:
             hook.remove()

@@ -149,8 +149,9 @@ class Report:
             lines += ["", "## A greedy sample", "", f"Prompt: {_cell(self.samples['prompt'])}", "",
                       "| original | compressed |", "|---|---|",
                       f"| {_cell(self.samples['original'])} | {_cell(self.samples['compressed'])} |"]  # fmt: skip
-        lines += ["", "## Stages", "", "| stage | seconds | peak RSS |", "|---|---:|---:|"]
-        lines += [f"| {s.name} | {s.seconds:.1f} | {_mb(s.peak_rss_bytes)} |" for s in self.stages]
+        lines += ["", "## Stages", "", "| stage | seconds | peak RSS | figures |", "|---|---:|---:|---|"]
+        lines += [f"| {s.name} | {s.seconds:.1f} | {_mb(s.peak_rss_bytes)} | {_figures(s.metrics)} |"
+                  for s in self.stages]  # fmt: skip
         if self.layers:
             lines += ["", "## Layers", ""]
             if self.error_chart() is not None:
@@ -175,6 +176,15 @@ class Report:
                              f"{_fmt(layer.get('relative_error'))} |")  # fmt: skip
             lines += ["", "</details>"]
         return "\n".join(lines) + "\n"
+
+
+def _figures(metrics: dict[str, Any]) -> str:
+    """A stage's headline figures (its `summary`), e.g. the share of codes learning changed and the block output
+    error before and after it on held-out calibration batches."""
+    summary = metrics.get("summary")
+    if not isinstance(summary, dict):
+        return ""
+    return ", ".join(f"{key.replace('_', ' ')} {_fmt(value)}" for key, value in summary.items())
 
 
 def _closeness(kl: float) -> str:

@@ -61,6 +61,13 @@ METHODS = [
     Method("nupes-data-free", "ours", recipe="recipes/nupes-data-free-w4.yaml"),
     Method("nupes", "ours", recipe="recipes/nupes-w3.yaml"),
     Method("nupes+pv", "ours", recipe="recipes/pv-tune.yaml", base="nupes", only_bits=(2,)),
+    # what each part of data-driven nupes is worth: codes frozen where GPTQ put them (scales and exponents still
+    # learned), and GPTQ without lazy group parameters and activation order (each group's grid from the
+    # original weights, columns in order)
+    Method("nupes-frozen-codes", "ours", recipe="recipes/nupes-w3.yaml", only_bits=(3,),
+           settings=(("stages.0.learning_rate", 0.0),)),  # fmt: skip
+    Method("nupes-static-gptq", "ours", recipe="recipes/nupes-w3.yaml", only_bits=(3,),
+           settings=(("stages.0.gptq_groups", "static"), ("stages.0.act_order", False))),  # fmt: skip
     Method(
         "nupes+ste",
         "ours",

@@ -77,9 +77,9 @@ def test_an_offloaded_run_resumes_to_the_same_files(model_dirs, tmp_path, monkey
     seen = []
     run = BlockInputs.run
 
-    def spy(self, block):
+    def spy(self, block, batches=None):
         seen.append(type(self.hidden))
-        return run(self, block)
+        return run(self, block, batches)
 
     monkeypatch.setattr(BlockInputs, "run", spy)
     pipeline.run(recipe, evaluate=False, resume=True, offload=True)

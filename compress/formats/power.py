@@ -74,6 +74,14 @@ def decode(
     return inverse_power(levels.reshape(codes.shape), exponent)
 
 
+def grid_positions(
+    weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, exponent: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """Where each weight lies on its group's grid, in code units (`power(w) / s + z`, unrounded, `[out, in]`)."""
+    position = grouped(power(weight.float(), exponent), group_size) / scales.unsqueeze(-1) + zeros.unsqueeze(-1)
+    return position.reshape(weight.shape)
+
+
 def nearest_codes(
     weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, exponent: torch.Tensor, bits: int, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +89,7 @@ def nearest_codes(
     the two grid levels around `power(w)` are decoded and the closer one kept. Returns the codes (int64
     `[out, in]`) and their decoded values."""
     qmax = (1 << bits) - 1
-    position = grouped(power(weight.float(), exponent), group_size) / scales.unsqueeze(-1) + zeros.unsqueeze(-1)
-    below = position.floor().clamp(0, qmax).reshape(weight.shape)
+    below = grid_positions(weight, scales, zeros, exponent, group_size).floor().clamp(0, qmax)
     above = (below + 1).clamp(0, qmax)
     value_below = decode(below, scales, zeros, exponent, group_size)
     value_above = decode(above, scales, zeros, exponent, group_size)

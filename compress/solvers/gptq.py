@@ -102,3 +102,108 @@ def gptq_round_vectors(
                 errors[:, i] = error
         work[:, end:] -= errors @ factor[start:end, end:]
     return codes
+
+
+def gptq_power_grid(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    exponent: torch.Tensor,
+    clip: torch.Tensor | float,
+    bits: int,
+    group_size: int,
+    damping: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    clips: torch.Tensor | None = None,
+    grid: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ on the NUPES power grid as GPTQ does it with groups: each group's scale and zero are chosen when the
+    sweep first reaches one of its columns, from the group's columns as the error feedback has left them (its
+    min/max in the power domain, shrunk by `clip`), not from the original weights. With `act_order` the columns
+    are swept in decreasing order of the Hessian's diagonal (the permutation is undone in the returned codes; the
+    groups stay those of the stored layout, contiguous input columns).
+
+    Returns codes `[out, in]` (int64), scales and zeros `[out, groups]`, and each weight's continuous position
+    on the grid when it was rounded (`[out, in]`, in code units; its code is the nearest level in the weight
+    domain): where learning may start from.
+
+    With `clips` (candidate ratios), each row of a group takes the candidate whose nearest rounding of the
+    group's current values has the least Hessian-diagonal-weighted error, instead of `clip`: the feedback can
+    grow a group's extremes, and plain min/max would then coarsen its grid. With `grid` (scales and zeros
+    `[out, groups]`), every group keeps that grid instead (chosen beforehand from the original weights: GPTQ
+    without lazy group parameters)."""
+    from compress.formats.power import nearest_codes, power
+
+    out_features, columns = weight.shape
+    if columns % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the {columns} columns")
+    block_size = max(block_size // group_size, 1) * group_size  # a group inside one block (natural order)
+    order = torch.argsort(torch.diag(hessian), descending=True, stable=True) if act_order else torch.arange(columns)
+    position_of = torch.argsort(order)  # position in the sweep of each original column
+    factor, dead = damped_inverse_factor(hessian[order][:, order], damping)
+    work = weight.float()[:, order].clone()
+    work[:, dead] = 0
+    groups = columns // group_size
+    scales = torch.ones(out_features, groups) if grid is None else grid[0].float().clone()
+    zeros = torch.zeros(out_features, groups, dtype=torch.int64) if grid is None else grid[1].clone()
+    ready = torch.full((groups,), grid is not None, dtype=torch.bool)
+    group_of = order // group_size
+    codes = torch.zeros(out_features, columns, dtype=torch.int64)
+    positions = torch.zeros(out_features, columns)
+    exponent = exponent.reshape(-1).float()
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        block = work[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        inverse_block = factor[start:end, start:end]
+        for i in range(end - start):
+            group = int(group_of[start + i])
+            if not ready[group]:
+                members = position_of[group * group_size : (group + 1) * group_size]
+                values = work[:, members].clone()
+                inside = (members >= start) & (members < end)
+                values[:, inside] = block[:, members[inside] - start]
+                group_scales, group_zeros = _group_grid(values, exponent, bits, clip, clips,
+                                                        torch.diag(hessian)[order][members])  # fmt: skip
+                scales[:, group], zeros[:, group] = group_scales[:, 0], group_zeros[:, 0]
+                ready[group] = True
+            column = block[:, i : i + 1]
+            s, z = scales[:, group : group + 1], zeros[:, group : group + 1]
+            column_codes, decoded = nearest_codes(column, s, z, exponent, bits, 1)
+            codes[:, start + i] = column_codes[:, 0]
+            positions[:, start + i] = (power(column, exponent) / s + z)[:, 0]
+            error = (column[:, 0] - decoded[:, 0]) / inverse_block[i, i]
+            block[:, i:] -= error.unsqueeze(1) * inverse_block[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        work[:, end:] -= errors @ factor[start:end, end:]
+    return codes[:, position_of], scales, zeros, positions[:, position_of]
+
+
+def _group_grid(
+    values: torch.Tensor,
+    exponent: torch.Tensor,
+    bits: int,
+    clip: torch.Tensor | float,
+    clips: torch.Tensor | None,
+    importance: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One group's scales and zeros `[out, 1]` from its current `values [out, size]`: min/max shrunk by `clip`,
+    or per row the best of `clips` by the `importance`-weighted error of nearest rounding."""
+    from compress.formats.power import grid_params, nearest_codes, power
+
+    transformed = power(values, exponent)
+    size = values.shape[1]
+    if clips is None:
+        return grid_params(transformed, bits, size, clip)
+    best_error = best_scales = best_zeros = None
+    for ratio in clips.tolist():
+        scales, zeros = grid_params(transformed, bits, size, ratio)
+        _, decoded = nearest_codes(values, scales, zeros, exponent, bits, size)
+        error = ((decoded - values).pow(2) * importance).sum(dim=1, keepdim=True)
+        if best_error is None:
+            best_error, best_scales, best_zeros = error, scales, zeros
+            continue
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scales, best_zeros = torch.where(better, scales, best_scales), torch.where(better, zeros, best_zeros)
+    return best_scales, best_zeros

@@ -2,8 +2,11 @@
 
 data-free: exponent and clipping per layer (or per output channel) chosen by weight reconstruction error.
 data-driven: block by block on calibration activations, (1) exponent and clipping chosen by the layer's output
-error (input-Hessian-weighted), (2) codes by Hessian-aware rounding with error feedback in the power grid (GPTQ),
-(3) codes over the whole grid, scales and exponents learned jointly on the block's output error.
+error (input-Hessian-weighted), (2) codes and each group's scale and zero by Hessian-aware rounding with error
+feedback in the power grid (GPTQ; a group's parameters chosen when the sweep reaches it, optionally in
+activation order), (3) codes over the whole grid, scales and exponents learned jointly on the block's output
+error. One calibration batch in eight (at least one, given two) is held out of (2) and (3); each block reports
+its output error on it and on the training batches before and after (3), and the share of codes (3) changed.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from compress.calib import run_collecting
+from compress.calib import ByBatch, run_collecting
 from compress.errors import CompressError, NumericError
-from compress.formats.power import PowerLinear, nearest_codes
+from compress.formats.power import PowerLinear, grid_positions
 from compress.models import dense_weight, replace_module
 from compress.registry import STAGES, register_block_stage
-from compress.solvers.gptq import HessianAccumulator, gptq_round
+from compress.solvers.gptq import HessianAccumulator, gptq_power_grid
 from compress.solvers.power_search import search_exponent_and_clip
-from compress.solvers.reconstruct import ReconstructionSettings, reconstruct_block
+from compress.solvers.reconstruct import ReconstructionSettings, block_error, reconstruct_block
 from compress.stages.base import LayerSelection, block_linears, check_finite, group_size_problems, relative_error
 
 log = logging.getLogger(__name__)
@@ -44,11 +47,20 @@ class NupesConfig(LayerSelection):
     clip_candidates: int = Field(6, ge=1)
     damping: float = Field(0.01, ge=0.0, description="GPTQ damping, a fraction of the mean Hessian diagonal")
     gptq: bool = Field(True, description="data-driven: Hessian-aware rounding before learning")
+    gptq_groups: Literal["lazy", "static"] = Field(
+        "lazy", description="lazy: a group's scale and zero from its error-updated weights when the sweep reaches "
+        "it (GPTQ's way); static: from the original weights before the sweep")
+    act_order: bool = Field(True, description="GPTQ sweeps the columns by decreasing Hessian diagonal")
+    group_min_clip: float = Field(0.5, gt=0.0, le=1.0, description="lazy GPTQ: smallest clip ratio searched for "
+                                  "each row of a group on its error-updated weights")
+    group_clip_candidates: int = Field(11, ge=1, description="lazy GPTQ: clip ratios searched in [group_min_clip, 1]"
+                                       " (1: the group's min/max times the layer's clip)")
     steps: int = Field(
         16, ge=0, le=1_000_000, description="data-driven: optimiser steps per block (one calibration batch each)"
     )
     batch_size: int = Field(4, ge=1, le=4096, description="data-driven: calibration windows per batch")
-    learning_rate: float = Field(0.005, ge=0.0, description="latent codes, in grid steps per step")
+    learning_rate: float = Field(0.005, ge=0.0, description="latent codes, in grid steps per step (0: codes frozen)")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="learning rates over the steps")
     scale_learning_rate: float = Field(3e-3, ge=0.0, description="log-scales")
     exponent_learning_rate: float = Field(3e-2, ge=0.0, description="exponent logit")
 
@@ -77,58 +89,100 @@ def compress_block(block, index: int, name: str, inputs, config: NupesConfig, co
         return None
     if not linears:
         return None
-    targets, hessians = run_collecting(
-        block, inputs, linears, lambda linear: HessianAccumulator(dense_weight(linear).shape[1])
+    train, held = split_batches(len(inputs.hidden))
+    outputs, hessians = run_collecting(
+        block, inputs, linears, lambda linear: HessianAccumulator(dense_weight(linear).shape[1]), batches=train
     )
-    for output in targets:
+    targets = ByBatch()
+    targets.add(train, outputs)
+    targets.add(held, inputs.run(block, held))
+    for output in targets.values():
         check_finite(output, f"nupes: block {name} output")
-    layers = {}
+    layers, starts = {}, {}
     for relative, linear in linears.items():
         weight = _checked_weight(f"{name}.{relative}", linear, config)
         hessian = hessians[relative].hessian.float()
         exponent, clip = _search(weight, config, importance=torch.diag(hessian))
         layer = PowerLinear.from_weight(weight, linear.bias, config.bits, _group(config, weight), exponent, clip)
         if config.gptq:
-            layer.set_codes(_gptq_codes(layer, weight, hessian, config.damping))
+            lazy = config.gptq_groups == "lazy"
+            codes, scales, zeros, starts[relative] = gptq_power_grid(
+                weight, hessian, layer.exponents.detach(), clip, config.bits, layer.group_size, config.damping,
+                act_order=config.act_order, clips=_group_clips(config) if lazy else None,
+                grid=None if lazy else (layer.scales.detach(), layer.zeros()),
+            )  # fmt: skip
+            layer.set_grid(scales, zeros)
+            layer.set_codes(codes)
+        else:
+            starts[relative] = grid_positions(weight, layer.scales.detach(), layer.zeros(), layer.exponents.detach(),
+                                              layer.group_size)  # fmt: skip
         layers[relative] = layer
         replace_module(block, relative, layer)
-    settings = ReconstructionSettings(
-        steps=config.steps,
-        learning_rate=config.learning_rate,
-        scale_learning_rate=config.scale_learning_rate,
-        exponent_learning_rate=config.exponent_learning_rate,
-        min_exponent=config.min_exponent,
-        seed=context.recipe.seed,
-    )
-    try:
-        losses = reconstruct_block(block, layers, inputs, targets, settings) if config.steps else []
-    except NumericError as error:
-        raise NumericError(f"nupes: block {name}: {error}; the stage stopped and nothing was written") from error
+    figures = {}
+    if config.steps:
+        before = {relative: layer.codes().clone() for relative, layer in layers.items()}
+        sample = train[:: max(1, len(train) // 4)][:4]  # the training error, on up to four of its batches
+        figures.update(train_before=block_error(block, inputs, targets, sample),
+                       held_before=block_error(block, inputs, targets, held) if held else None)  # fmt: skip
+        settings = ReconstructionSettings(
+            steps=config.steps,
+            learning_rate=config.learning_rate,
+            scale_learning_rate=config.scale_learning_rate,
+            exponent_learning_rate=config.exponent_learning_rate,
+            min_exponent=config.min_exponent,
+            seed=context.recipe.seed,
+            cosine=config.schedule == "cosine",
+        )
+        try:
+            reconstruct_block(block, layers, inputs, targets, settings, batches=train, starts=starts)
+        except NumericError as error:
+            raise NumericError(f"nupes: block {name}: {error}; the stage stopped and nothing was written") from error
+        changed = sum(int((layers[r].codes() != codes).sum()) for r, codes in before.items())
+        figures.update(train_after=block_error(block, inputs, targets, sample),
+                       held_after=block_error(block, inputs, targets, held) if held else None,
+                       codes_changed=changed / sum(codes.numel() for codes in before.values()))  # fmt: skip
+        context.metrics.setdefault("blocks", {})[name] = figures
+        _summarise(context.metrics)
     for relative, layer in layers.items():
         weight = dense_weight(linears[relative])
         context.record_layer(f"{name}.{relative}", layer, relative_error(weight, layer.dequantize()))
-    if losses:
-        log.info("block %s: relative output error %.5f -> %.5f", name, losses[0], losses[-1])
-        return {"error": f"{losses[0]:.4f}->{losses[-1]:.4f}"}
+    if figures:
+        log.info("block %s: output error %s, %.1f%% of codes changed by learning", name, _change(figures),
+                 100 * figures["codes_changed"])  # fmt: skip
+        return {"error": _change(figures), "changed": f"{100 * figures['codes_changed']:.1f}%"}
     return None
 
 
+def _group_clips(config: NupesConfig) -> torch.Tensor | None:
+    if config.group_clip_candidates == 1:
+        return None
+    return torch.linspace(config.group_min_clip, 1.0, config.group_clip_candidates)
+
+
+def split_batches(count: int) -> tuple[list[int], list[int]]:
+    """Training and held-out calibration batches: the last one in eight is held out (at least one of two)."""
+    held = max(1, count // 8) if count >= 2 else 0
+    return list(range(count - held)), list(range(count - held, count))
+
+
+def _change(figures: dict) -> str:
+    key = "held" if figures.get("held_before") is not None else "train"
+    return f"{figures[key + '_before']:.4g}->{figures[key + '_after']:.4g} ({key})"
+
+
+def _summarise(metrics: dict) -> None:
+    """The stage's headline figures over its blocks so far: the mean share of codes changed by learning, and
+    the mean block output error on the held-out and training batches before and after it."""
+    blocks = list(metrics["blocks"].values())
+    summary = {"codes_changed": sum(b["codes_changed"] for b in blocks) / len(blocks)}
+    for key in ("held_before", "held_after", "train_before", "train_after"):
+        values = [b[key] for b in blocks if b.get(key) is not None]
+        if values:
+            summary[key] = sum(values) / len(values)
+    metrics["summary"] = summary
+
+
 apply = STAGES["nupes"].apply  # the whole model, block by block
-
-
-def _gptq_codes(layer: PowerLinear, weight: torch.Tensor, hessian: torch.Tensor, damping: float) -> torch.Tensor:
-    """Error-feedback rounding on the layer's power grid (its scales, zeros and exponents stay fixed)."""
-    scales, zeros, exponent = layer.scales.detach(), layer.zeros(), layer.exponents.detach()
-    group_size = layer.group_size
-    exponent_column = exponent.reshape(-1)
-
-    def quantize_column(column: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        group = index // group_size
-        s, z = scales[:, group : group + 1], zeros[:, group : group + 1]
-        codes, decoded = nearest_codes(column.unsqueeze(1), s, z, exponent_column, layer.bits, 1)
-        return codes.squeeze(1), decoded.squeeze(1)
-
-    return gptq_round(weight.float(), hessian, quantize_column, damping=damping)
 
 
 def _search(weight: torch.Tensor, config: NupesConfig, importance: torch.Tensor | None):
