@@ -92,3 +92,24 @@ def test_with_a_fixed_grid_it_is_gptq_on_that_grid():
     codes, scales, zeros, _ = gptq_power_grid(weight, hessian, exponent, clip, 3, 32, grid=grid)
     assert torch.equal(scales, grid[0]) and torch.equal(zeros, grid[1])
     assert torch.equal(decode(codes, scales, zeros, exponent, 32), static_gptq(weight, hessian, 3, 32, exponent, clip))
+
+
+def test_a_learned_code_can_move_several_levels():
+    """Learning is not rounding up or down: a latent code travels as far over the grid as its gradient takes it."""
+    from compress.solvers.reconstruct import LatentPowerLinear
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 32) * 0.05
+    layer = PowerLinear.from_weight(weight, None, 3, 32, torch.tensor([0.75]), 1.0)
+    start = layer.codes().clone()
+    latent = LatentPowerLinear(layer, min_exponent=0.4)
+    optimizer = torch.optim.Adam([latent.latent], lr=0.3)
+    target = torch.full((8, 32), float(weight.max()))  # every weight wants the top level
+    for _ in range(30):
+        output = latent(torch.eye(32))  # the decoded weight, transposed
+        loss = (output.T - target).pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    moved = (latent.codes() - start).abs()
+    assert int(moved.max()) >= 4 and float((moved >= 2).float().mean()) > 0.5
