@@ -3,7 +3,7 @@ greedy decode (a short prompt, then `--new-tokens` tokens through the KV cache),
 memory after loading, every model in a fresh process, one after another, with the same threads.
 
     python scripts/bench_decode.py                 # build the checkpoints (cached), measure, write the tables
-    python scripts/bench_decode.py --table-only    # rewrite bench/decode/results.md and the README from results
+    python scripts/bench_decode.py --table-only    # rewrite bench/decode/results.md and docs/runtime.md from results
 
 Speed depends on a checkpoint's format and settings, not on the values its stage learned, so the checkpoints
 here are made with each recipe's format settings and the learning switched off (`nupes` data-free, `jlcm` with

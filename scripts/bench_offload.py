@@ -8,7 +8,7 @@ tokenizer and vocabulary), compressed by `nupes` data-driven W4 g64 on 2048 cali
 (524k tokens: 512 MiB of hidden states per copy), each mode in its own process. Peak RSS is the kernel's figure for
 the process (`wait4`); the two checkpoints must be byte-identical.
 
-Writes bench/offload/results.json and results.md, and rewrites the README section between the
+Writes bench/offload/results.json and results.md, and rewrites the section of docs/operations.md between the
 `offload-bench:start` / `offload-bench:end` markers.
 """
 

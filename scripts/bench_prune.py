@@ -22,7 +22,7 @@ held-out half of the embedded text and on encyclopedic text of another kind (as 
 original. minilm-l6: mean cosine similarity of sentence embeddings to the original's on held-out sentences (second
 half of the embedded text, and the other text), parameters, size, tokens/s.
 
-Writes bench/prune/results.json and bench/prune/results.md, and rewrites the README section between the
+Writes bench/prune/results.json and bench/prune/results.md, and rewrites the section of docs/pruning.md between the
 `prune-bench:start` / `prune-bench:end` markers.
 """
 
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--methods", help="comma-separated subset of hesso, magnitude, magnitude-global, "
                         "magnitude-per_layer, oneshot (default: all but oneshot)")  # fmt: skip
     parser.add_argument("--reuse", action="store_true", help="keep checkpoints made earlier with the same settings")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the section of docs/pruning.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -298,7 +298,7 @@ def markdown(results: dict) -> str:
 
 
 def update_readme(table: str) -> None:
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "pruning.md"
     text = readme.read_text()
     start, end = "<!-- prune-bench:start -->", "<!-- prune-bench:end -->"
     if start not in text or end not in text:

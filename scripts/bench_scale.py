@@ -13,7 +13,7 @@
    computed block by block from the checkpoint's shards (each compressed layer dequantized by its format into a
    plain Llama block), on 64 tokens; and how far the first block's dequantized weights are from the original's.
 
-Writes bench/scale/results.json and results.md, and rewrites the README section between the `scale-bench:start` /
+Writes bench/scale/results.json and results.md, and rewrites the section of docs/operations.md between the `scale-bench:start` /
 `scale-bench:end` markers.
 """
 
@@ -84,13 +84,13 @@ def finish(results: dict, args: argparse.Namespace) -> None:
 
 
 def write_results(out: Path, results: dict, table: str, marker: str, readme: bool) -> None:
-    """results.json and results.md under `out`; the table also into the README between the `marker` comments."""
+    """results.json and results.md under `out`; the table also into docs/operations.md between the `marker` comments."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(table)
     print(table)
     if readme:
-        path = ROOT / "README.md"
+        path = ROOT / "docs" / "operations.md"
         text = path.read_text()
         pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.DOTALL)
         if pattern.search(text):
