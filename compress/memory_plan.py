@@ -4,7 +4,7 @@ the mode that fits the budget, or refuse at the start saying what the run needs.
 The estimate counts the model's float32 tensors from its config (on a skeleton, no weights read), the working
 copies a block needs while it is compressed, the calibration and evaluation activations, the per-layer input
 statistics of data-driven stages, and the process itself (torch and transformers loaded). It is an estimate:
-the figures in the README come from `scripts/bench_scale.py`, which measures the real peak against it.
+the figures in docs/operations.md come from `scripts/bench_scale.py`, which measures the real peak against it.
 """
 
 from __future__ import annotations

@@ -154,11 +154,12 @@ class Report:
                   for s in self.stages]  # fmt: skip
         if self.layers:
             lines += ["", "## Layers", ""]
-            if self.error_chart() is not None:
+            kinds = self.layer_kinds()
+            if any(block is not None for entry in kinds.values() for block, _ in entry["errors"]):  # the chart
                 lines += ["![relative weight error by block](report.svg)", ""]
             lines += ["| kind | layers | bits/weight | mean relative error | largest (block) |",
                       "|---|---:|---:|---:|---:|"]  # fmt: skip
-            for kind, entry in self.layer_kinds().items():
+            for kind, entry in kinds.items():
                 bits = sum(entry["weights_bits"]) / len(entry["weights_bits"])
                 errors = entry["errors"]
                 mean = _fmt(sum(e for _, e in errors) / len(errors)) if errors else "-"
