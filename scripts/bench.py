@@ -178,8 +178,8 @@ def main() -> None:
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the section of docs/benchmark.md")
     parser.add_argument("--reuse", action="store_true", help="keep earlier compressions made with the same settings")
     parser.add_argument("--peer-timeout", type=int, default=1800, help="seconds a peer may take to compress")
-    parser.add_argument("--table-only", action="store_true", help="rewrite the table, plot and docs/benchmark.md section from "
-                        "bench/results.json; nothing is compressed or measured")  # fmt: skip
+    parser.add_argument("--table-only", action="store_true", help="rewrite the table, plot and docs/benchmark.md "
+                        "section from bench/results.json; nothing is compressed or measured")  # fmt: skip
     args = parser.parse_args()
     if args.table_only:
         results = json.loads((BENCH / "results.json").read_text())

@@ -13,8 +13,8 @@
    computed block by block from the checkpoint's shards (each compressed layer dequantized by its format into a
    plain Llama block), on 64 tokens; and how far the first block's dequantized weights are from the original's.
 
-Writes bench/scale/results.json and results.md, and rewrites the section of docs/operations.md between the `scale-bench:start` /
-`scale-bench:end` markers.
+Writes bench/scale/results.json and results.md, and rewrites the section of docs/operations.md between the
+`scale-bench:start` / `scale-bench:end` markers.
 """
 
 from __future__ import annotations
