@@ -69,6 +69,8 @@ def run(
     for part, given in (("calibration", calibration), ("evaluation", evaluation)):
         if given is None:
             continue
+        if part == "calibration":
+            changes["data.calibration.sources"] = []  # one source given here replaces a recipe's mixture
         if isinstance(given, (str, Path)):
             changes[f"data.{part}.source"] = str(given)
             continue

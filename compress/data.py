@@ -91,6 +91,17 @@ def random_windows(ids: torch.Tensor, count: int, seq_len: int, seed: int) -> to
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
+def proportional_counts(total: int, weights: list[float]) -> list[int]:
+    """`total` split in proportion to `weights`: each share rounded down, then the largest remainders (the
+    earlier source on a tie) rounded up, so the counts sum to `total`."""
+    shares = [total * w / sum(weights) for w in weights]
+    counts = [int(share) for share in shares]
+    order = sorted(range(len(weights)), key=lambda i: (counts[i] - shares[i], i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 def consecutive_windows(ids: torch.Tensor, count: int, seq_len: int) -> torch.Tensor:
     """Up to `count` non-overlapping windows `[n, seq_len]` from the start of the text (evaluation)."""
     _require_tokens(ids, seq_len)

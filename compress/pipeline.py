@@ -40,6 +40,8 @@ from compress.export import (
     write_side_files,
 )
 from compress.formats.base import QuantizedLinear
+from compress.generate import CACHE_KIND as GENERATED_CACHE
+from compress.generate import cache_directory, generated_windows
 from compress.hf import attach_quantizer
 from compress.integrity import file_digests
 from compress.memory import peak_rss_bytes, reset_peak_rss
@@ -54,7 +56,7 @@ from compress.models import (
     resolve_model,
 )
 from compress.ownership import refuse_unowned
-from compress.recipe import Recipe, TextSource
+from compress.recipe import GENERATED, CalibrationSource, EvaluationData, Recipe, TextOrigin
 from compress.registry import STAGES
 from compress.report import Report, StageRecord, environment
 from compress.run_state import KIND as RUN_STATE
@@ -62,7 +64,7 @@ from compress.run_state import RunState, fingerprint, run_directory
 from compress.streaming import BlockStreamer, StreamedEvaluation, link_shards, load_outside, open_streamed
 from compress.train_state import KIND as TRAINING_CHECKPOINT
 from compress.train_state import training_directory
-from compress.validate import raise_problems, recipe_model, recipe_problems
+from compress.validate import calibrates, raise_problems, recipe_model, recipe_problems
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,11 @@ class Context:
     teacher: dict[str, Any] = field(default_factory=dict)  # what `prepare` hooks recorded from the original model
     offload: Path | None = None  # calibration activations go to files under it (compress/offload.py)
     texts: dict[str, str] = field(default_factory=dict)  # "calibration"/"evaluation" text given to compress.run
+    generated: dict[int, torch.Tensor] = field(default_factory=dict)  # mixture index -> windows sampled from the
+    generation_info: dict[int, dict[str, Any]] = field(default_factory=dict)  # original model, and how
     _token_cache: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
-    def tokens(self, source: TextSource) -> torch.Tensor:
+    def tokens(self, source: TextOrigin) -> torch.Tensor:
         key = (source.source, source.config, source.split, source.text_field)
         if key not in self._token_cache:
             text = textdata.load_text(
@@ -92,9 +96,8 @@ class Context:
             self._token_cache[key] = textdata.tokenize(self.tokenizer, text)
         return self._token_cache[key]
 
-    def part_ids(self, part: str) -> torch.Tensor:
-        """The token ids of `data.calibration` or `data.evaluation`, its half selected."""
-        spec = getattr(self.recipe.data, part)
+    def source_ids(self, spec: CalibrationSource | EvaluationData, part: str) -> torch.Tensor:
+        """The token ids of one source of `data.calibration` or of `data.evaluation`, its half selected."""
         if spec.source == textdata.IN_MEMORY:
             if part not in self.texts:
                 raise CompressError(f"data.{part}.source {textdata.IN_MEMORY!r} is text given to compress.run in "
@@ -104,15 +107,56 @@ class Context:
             ids = self.tokens(spec)
         return textdata.select_half(ids, spec.half)
 
+    def calibration_counts(self) -> list[int]:
+        spec = self.recipe.data.calibration
+        return textdata.proportional_counts(spec.num_samples, [part.weight for part in spec.parts()])
+
+    def sample_calibration(self, model: nn.Module, cache: Path | None) -> None:
+        """Sample the generated sources of `data.calibration` from `model` (the original, before any stage), or
+        take them from `cache` where an earlier run on the same model and settings left them."""
+        spec = self.recipe.data.calibration
+        for index, (part, count) in enumerate(zip(spec.parts(), self.calibration_counts(), strict=True)):
+            if part.source == GENERATED and count and index not in self.generated:
+                windows, info = generated_windows(model, self.tokenizer, count, spec.seq_len, part.generation,
+                                                  self.recipe.seed + index, cache)  # fmt: skip
+                self.generated[index] = windows
+                self.generation_info[index] = info
+
+    def calibration_summary(self) -> list[dict[str, Any]]:
+        """Where the calibration windows come from, source by source, for the report."""
+        spec = self.recipe.data.calibration
+        summary = []
+        for index, (part, count) in enumerate(zip(spec.parts(), self.calibration_counts(), strict=True)):
+            entry = self.generation_info.get(index) or {"source": part.source, "half": part.half, "windows": count}
+            summary.append({**entry, "seq_len": spec.seq_len} if count else {**entry, "windows": 0})
+        return summary
+
     @cached_property
     def calibration_windows(self) -> torch.Tensor:
+        """`data.calibration.num_samples` windows: from each source in proportion to its weight (the largest
+        remainders rounded up), drawn at seeded offsets of its half, in a seeded order when there are several."""
         spec = self.recipe.data.calibration
-        return textdata.random_windows(self.part_ids("calibration"), spec.num_samples, spec.seq_len, self.recipe.seed)
+        pieces = []
+        for index, (part, count) in enumerate(zip(spec.parts(), self.calibration_counts(), strict=True)):
+            if not count:
+                continue
+            if part.source == GENERATED:
+                if index not in self.generated:
+                    raise CompressError("generated calibration text is sampled from the original model before the "
+                                        "first stage; nothing sampled it")  # fmt: skip
+                pieces.append(self.generated[index])
+                continue
+            ids = self.source_ids(part, "calibration")
+            pieces.append(textdata.random_windows(ids, count, spec.seq_len, self.recipe.seed + index))
+        windows = torch.cat(pieces)
+        if len(pieces) > 1:
+            windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(self.recipe.seed))]
+        return windows
 
     @cached_property
     def evaluation_windows(self) -> torch.Tensor:
         spec = self.recipe.data.evaluation
-        return textdata.consecutive_windows(self.part_ids("evaluation"), spec.num_windows, spec.seq_len)
+        return textdata.consecutive_windows(self.source_ids(spec, "evaluation"), spec.num_windows, spec.seq_len)
 
     def record_layer(self, name: str, module: QuantizedLinear, relative_error: float) -> None:
         self.layers[name] = {
@@ -187,6 +231,8 @@ def run(
     main_process = _is_main_process()
     state = RunState(run_directory(out), run_fingerprint(recipe), resume=resume, writer=main_process)
     context.offload = state.scratch("activations") if offload else None
+    if calibrates(recipe):
+        context.sample_calibration(_original(recipe, model), cache_directory(out))  # before any stage changes it
     evaluation = _Evaluation(model, loaded.kind, context) if evaluate and main_process else None
     if evaluation is not None:
         report.before = evaluation.measure(model, original=True)
@@ -225,6 +271,8 @@ def run(
     report.after["bits_per_weight"], report.after["quantized_weights"] = quantized_bits(model)
     report.after["parameters"] = count_parameters(model)  # fewer after pruning
     report.layers = context.layers
+    if calibrates(recipe):
+        report.calibration = context.calibration_summary()
 
     if not main_process:
         return RunResult(model, report)
@@ -289,6 +337,8 @@ def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool, 
     report.after["bits_per_weight"], report.after["quantized_weights"] = quantized_bits(model)
     report.after["parameters"] = count_parameters(model)
     report.layers = context.layers
+    if calibrates(recipe):
+        report.calibration = context.calibration_summary()
     _, blocks = find_blocks(model)
     with atomic_directory(out) as directory:
         config, metadata = checkpoint_config(model, packed=True)
@@ -298,6 +348,15 @@ def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool, 
         write_reports(directory, report, started, peak_before_stages)
     state.discard()
     return RunResult(model, report, out)
+
+
+def _original(recipe: Recipe, model: nn.Module) -> nn.Module:
+    """The model generated calibration text is sampled from: the teacher a stage names (a recipe that fine-tunes a
+    compressed checkpoint distils from it), else the recipe's model as loaded."""
+    teachers = [s.config.teacher for s in recipe.stages if getattr(s.config, "teacher", None) is not None]
+    if not teachers or all(part.source != GENERATED for part in recipe.data.calibration.parts()):
+        return model
+    return load_model(teachers[0], trust_remote_code=recipe.model.trust_remote_code).model
 
 
 def write_reports(directory: Path, report: Report, started: float, peak_before_stages: int) -> None:
@@ -325,6 +384,10 @@ def streaming_problems(recipe: Recipe) -> list[str]:
             problems.append(recipe.problem(("stages", index, "stage"), message))
     if recipe.export.format != "packed":
         problems.append(recipe.problem(("export", "format"), "streaming writes the packed format"))
+    if any(part.source == GENERATED for part in recipe.data.calibration.parts()):
+        message = ("generated calibration text is sampled from the whole model, which streaming never holds; "
+                   "calibrate on a text file or dataset, or run without streaming")  # fmt: skip
+        problems.append(recipe.problem(("data", "calibration", "source"), message, GENERATED))
     try:
         gguf = resolve_model(recipe.model.name).gguf_file
     except CompressError:
@@ -339,6 +402,7 @@ def check_output(recipe: Recipe, force: bool) -> Path:
     run-state or training directory of its name that compress did not make."""
     out = check_destination(recipe.export.out, force, input_paths(recipe))
     refuse_unowned(run_directory(out), RUN_STATE)
+    refuse_unowned(cache_directory(out), GENERATED_CACHE)
     for stage in dict.fromkeys(stage.name for stage in recipe.stages):
         refuse_unowned(training_directory(out, stage), TRAINING_CHECKPOINT)
     return out
@@ -346,7 +410,7 @@ def check_output(recipe: Recipe, force: bool) -> Path:
 
 def input_paths(recipe: Recipe) -> tuple[Path, ...]:
     """The local files and directories the run reads: the model and the text sources (an output must be none)."""
-    names = [recipe.model.name, recipe.data.calibration.source, recipe.data.evaluation.source]
+    names = [recipe.model.name, *(p.source for p in recipe.data.calibration.parts()), recipe.data.evaluation.source]
     paths = [Path(name) for name in names if Path(name).exists()]
     if recipe.model.name in EMBEDDED:
         try:

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.errors import CompressError
 from compress.registry import STAGES
+
+GENERATED = "generated"  # calibration text sampled from the original model (compress/generate.py)
 
 
 class _Loader(yaml.SafeLoader):
@@ -43,17 +45,85 @@ class ModelSpec(Strict):
     trust_remote_code: bool = Field(False, description="run the model repository's own code (only if you trust it)")
 
 
-class TextSource(Strict):
-    source: str = Field("embedded", min_length=1, description="embedded, a local file or a datasets hub name")
+class TextOrigin(Strict):
+    """Where text comes from: `embedded`, a local file or a `datasets` hub name (with its config and split)."""
+
+    source: str = Field("embedded", min_length=1, description="embedded, generated (calibration only), a local "
+                        "file or a datasets hub name")  # fmt: skip
     config: str | None = None
     split: str = "train"
     text_field: str = "text"
+
+
+class TextSource(TextOrigin):
     seq_len: int = Field(512, ge=8, le=131072)
 
 
-class CalibrationData(TextSource):
+class Generation(Strict):
+    """How `source: generated` samples calibration text from the original model (compress/generate.py)."""
+
+    temperature: float = Field(1.0, gt=0, le=10)
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling: the smallest set of tokens this likely")
+    first_token: Literal["random", "bos"] = Field(
+        "random", description="random: a token drawn uniformly from the vocabulary (no special token); bos: the "
+        "tokenizer's beginning-of-text token")  # fmt: skip
+    batch_size: int = Field(32, ge=1, le=4096, description="sequences generated together")
+
+
+class CalibrationSource(TextOrigin):
     half: Literal["first", "second", "all"] = "first"
+    weight: float = Field(1.0, gt=0, le=1e6, description="share of the windows, in a mixture (`sources`)")
+    generation: Generation = Generation()
+
+    @model_validator(mode="after")
+    def _generation_only_when_generated(self) -> CalibrationSource:
+        if "generation" in self.model_fields_set and self.source != GENERATED:
+            raise ValueError(f"generation settings apply to source {GENERATED!r} only (source is {self.source!r})")
+        return self
+
+    def dump(self, weight: bool = True) -> dict[str, Any]:
+        fields = {name: getattr(self, name) for name in ("source", "config", "split", "text_field", "half")}
+        if weight:
+            fields["weight"] = self.weight
+        if self.source == GENERATED:
+            fields["generation"] = self.generation.model_dump()
+        return fields
+
+    def origin(self) -> tuple:
+        return (self.source, self.config, self.split, self.text_field)
+
+
+class CalibrationData(CalibrationSource):
+    """One source (`source`, ...) or a mixture (`sources`: a list of sources with weights); the windows of a
+    mixture come from each source in proportion to its weight."""
+
     num_samples: int = Field(128, ge=1, le=1_000_000)
+    seq_len: int = Field(512, ge=8, le=131072)
+    sources: list[CalibrationSource] = Field(default_factory=list, max_length=64)
+
+    @model_validator(mode="after")
+    def _one_source_or_a_mixture(self) -> CalibrationData:
+        alone = {"source", "config", "split", "text_field", "half", "weight", "generation"} & self.model_fields_set
+        if self.sources and alone:
+            raise ValueError(f"give one source or a mixture (`sources`), not both: {sorted(alone)} set beside "
+                             "sources")  # fmt: skip
+        if "weight" in self.model_fields_set and not self.sources:
+            raise ValueError("weight is the share of one source in a mixture (`sources`); a single source has none")
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        """The fields a recipe file gives, loadable again: the mixture's, or the one source's."""
+        if self.sources:
+            return {"num_samples": self.num_samples, "seq_len": self.seq_len,
+                    "sources": [source.dump() for source in self.sources]}  # fmt: skip
+        return {**super().dump(weight=False), "num_samples": self.num_samples, "seq_len": self.seq_len}
+
+    def parts(self) -> list[CalibrationSource]:
+        """The sources the windows come from: the mixture's, or this one alone."""
+        if self.sources:
+            return list(self.sources)
+        fields = {name: getattr(self, name) for name in CalibrationSource.model_fields}
+        return [CalibrationSource.model_construct(**fields)]
 
 
 class EvaluationData(TextSource):
@@ -117,7 +187,7 @@ class Recipe(BaseModel):
         return {
             "model": self.model.model_dump(),
             "seed": self.seed,
-            "data": self.data.model_dump(),
+            "data": {"calibration": self.data.calibration.dump(), "evaluation": self.data.evaluation.model_dump()},
             "stages": [{"stage": s.name, **s.config.model_dump()} for s in self.stages],
             "export": self.export.model_dump(),
         }
@@ -185,6 +255,13 @@ def _parse_recipe(text: str, source: str, overrides: dict[str, Any] | None) -> R
     raw = copy.deepcopy(raw)  # YAML aliases share objects; overrides must change one place only
     if isinstance(raw.get("model"), str):
         raw["model"] = {"name": raw["model"]}  # `model: NAME` is short for `model: {name: NAME}`
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("calibration"), list):
+        # `calibration: [sources]` is short for `calibration: {sources: [...]}`
+        data["calibration"] = {"sources": data["calibration"]}
+        at = ("data", "calibration")
+        lines = {(*at, "sources", *loc[2:]) if loc[:2] == at and len(loc) > 2 else loc: line
+                 for loc, line in lines.items()}  # fmt: skip
     for dotted, value in (overrides or {}).items():
         _set_path(raw, dotted, value, source)
         path = tuple(int(part) if part.isdigit() else part for part in dotted.split("."))

@@ -31,6 +31,7 @@ class Report:
     size: dict[str, Any] = field(default_factory=dict)
     stages: list[StageRecord] = field(default_factory=list)
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calibration: list[dict[str, Any]] = field(default_factory=list)  # where the calibration windows came from
     total: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # every other file: bytes and sha256
@@ -140,9 +141,29 @@ class Report:
             return None
         return line_chart_svg(series, "Relative weight error by block", "block", "relative weight error")
 
+    def calibration_line(self) -> str:
+        """Where the calibration windows came from, e.g. `96 windows of 512 tokens sampled from the original
+        model (temperature 1, top-p 0.95, from random tokens; reused from the cache), 32 from embedded (first
+        half)`."""
+        parts = []
+        for entry in self.calibration:
+            if entry.get("source") == "generated":
+                how = (f"temperature {entry['temperature']:g}, top-p {entry['top_p']:g}, from "
+                       f"{'random tokens' if entry['first_token'] == 'random' else 'the beginning-of-text token'}; "
+                       + ("reused from the cache" if entry.get("cached") else f"{entry['seconds']:.0f} s"))  # fmt: skip
+                parts.append(f"{entry['windows']} sampled from the original model ({how})")
+            else:
+                half = "the whole text" if entry["half"] == "all" else f"{entry['half']} half"
+                parts.append(f"{entry['windows']} from {_cell(str(entry['source']))} ({half})")
+        seq_len = next((e["seq_len"] for e in self.calibration if "seq_len" in e), None)
+        head = f"windows of {seq_len} tokens: " if seq_len else ""
+        return head + ", ".join(parts)
+
     def to_markdown(self) -> str:
         lines = [f"# Compression report: {self.model.get('source', '')}", "", self.headline(), ""]
         lines += [f"Recipe: {self.recipe_line()}", ""]
+        if self.calibration:
+            lines += [f"Calibration: {self.calibration_line()}", ""]
         lines += ["| measure | before | after |", "|---|---:|---:|"]
         lines += [f"| {a} | {b} | {c} |" for a, b, c in self.summary_rows()]
         if self.samples:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from torch import nn
 
-from compress.data import local_source_problem
+from compress.data import IN_MEMORY, local_source_problem
 from compress.errors import CompressError
 from compress.formats.base import QuantizedLinear
 from compress.hf import install_from_config
 from compress.models import ModelSource, load_config, resolve_model, skeleton
-from compress.recipe import Recipe
+from compress.recipe import GENERATED, Recipe
 from compress.registry import STAGES
 from compress.stages.base import LayerSelection, selected_layers
 
@@ -62,10 +62,47 @@ def recipe_problems(recipe: Recipe, model: nn.Module) -> tuple[list[str], list[i
         if limit is not None and spec.seq_len > limit:
             message = f"exceeds the model's max_position_embeddings {limit}"
             problems.append(recipe.problem(("data", part, "seq_len"), message, spec.seq_len))
-        problem = local_source_problem(spec.source)
-        if problem:
-            problems.append(recipe.problem(("data", part, "source"), problem, spec.source))
+    evaluation = recipe.data.evaluation
+    problem = local_source_problem(evaluation.source)
+    if problem:
+        problems.append(recipe.problem(("data", "evaluation", "source"), problem, evaluation.source))
+    problems += calibration_problems(recipe, model)
     return problems, counts
+
+
+def calibrates(recipe: Recipe) -> bool:
+    """Whether a stage of `recipe` reads calibration windows: a block-local stage that asks for calibration
+    inputs, or a stage that trains the whole model (pv_tuning, hesso)."""
+    return any(STAGES[s.name].block is None or STAGES[s.name].calibration_batch(s.config) is not None
+               for s in recipe.stages)  # fmt: skip
+
+
+def calibration_problems(recipe: Recipe, model: nn.Module) -> list[str]:
+    """Each calibration source: a file that is there, a model that can generate for `generated`, and never the
+    evaluation text (the same source, config, split and field, with halves that overlap). A missing file is
+    named by every recipe; the rest only where a stage calibrates."""
+    problems = []
+    calibration, evaluation = recipe.data.calibration, recipe.data.evaluation
+    for index, part in enumerate(calibration.parts()):
+        loc = ("data", "calibration", "sources", index) if calibration.sources else ("data", "calibration")
+        problem = local_source_problem(part.source)
+        if problem:
+            problems.append(recipe.problem((*loc, "source"), problem, part.source))
+        if not calibrates(recipe):
+            continue
+        if part.source == GENERATED:
+            if not getattr(model, "can_generate", lambda: False)():
+                message = f"generated text is sampled from the model, and {type(model).__name__} does not generate"
+                problems.append(recipe.problem((*loc, "source"), message, part.source))
+            continue
+        same_text = part.origin() == (evaluation.source, evaluation.config, evaluation.split, evaluation.text_field)
+        overlap = "all" in (part.half, evaluation.half) or part.half == evaluation.half
+        if same_text and overlap and part.source != IN_MEMORY:  # text given in Python is two texts, not halves
+            message = (f"the calibration windows would overlap the evaluation windows: both read {part.source!r}, "
+                       f"half {part.half!r} against data.evaluation.half {evaluation.half!r}; calibrate on the "
+                       "other half or on other text, so the evaluation measures text the stages never saw")  # fmt: skip
+            problems.append(recipe.problem((*loc, "half"), message, part.half))
+    return problems
 
 
 def raise_problems(recipe: Recipe, problems: list[str]) -> None:

@@ -54,6 +54,7 @@ class Method:
     base: str = ""
     only_bits: tuple[int, ...] = ()
     settings: tuple[tuple[str, object], ...] = ()
+    calibration: str = "embedded"  # or "generated": sampled from the original model (data.calibration.source)
 
 
 METHODS = [
@@ -61,6 +62,8 @@ METHODS = [
     Method("nupes-data-free", "ours", recipe="recipes/nupes-data-free-w4.yaml"),
     Method("nupes", "ours", recipe="recipes/nupes-w3.yaml"),
     Method("nupes+pv", "ours", recipe="recipes/pv-tune.yaml", base="nupes", only_bits=(2,)),
+    # the data-driven methods calibrated on text sampled from the original model instead of the embedded text
+    Method("nupes-generated", "ours", recipe="recipes/nupes-w3.yaml", calibration="generated"),
     # what each part of data-driven nupes is worth: codes frozen where GPTQ put them (scales and exponents still
     # learned), and GPTQ without lazy group parameters and activation order (each group's grid from the
     # original weights, columns in order)
@@ -78,6 +81,10 @@ METHODS = [
     ),  # fmt: skip
     Method("jlcm", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2, 3)),
     Method("jlcm+pv", "ours", recipe="recipes/pv-tune.yaml", base="jlcm", only_bits=(2,)),
+    Method("jlcm-generated", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2, 3),
+           calibration="generated"),  # fmt: skip
+    Method("jlcm-generated+pv", "ours", recipe="recipes/pv-tune.yaml", base="jlcm-generated", only_bits=(2,),
+           calibration="generated"),  # fmt: skip
     Method(
         "jlcm+ste",
         "ours",
@@ -178,15 +185,18 @@ def main() -> None:
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the section of docs/benchmark.md")
     parser.add_argument("--reuse", action="store_true", help="keep earlier compressions made with the same settings")
     parser.add_argument("--peer-timeout", type=int, default=1800, help="seconds a peer may take to compress")
+    parser.add_argument("--results", type=Path, default=BENCH, help="directory of results.json, results.md and the "
+                        "plot (default bench/; elsewhere, docs/benchmark.md is left alone)")  # fmt: skip
     parser.add_argument("--table-only", action="store_true", help="rewrite the table, plot and docs/benchmark.md "
                         "section from bench/results.json; nothing is compressed or measured")  # fmt: skip
     args = parser.parse_args()
     if args.table_only:
-        results = json.loads((BENCH / "results.json").read_text())
+        results = json.loads((args.results / "results.json").read_text())
         table = markdown_table(results)
-        (BENCH / "results.md").write_text(table)
-        plot([Row(**r) for r in results["rows"]], BENCH / "pareto.png")
-        update_readme(table, results["commands"])
+        (args.results / "results.md").write_text(table)
+        plot([Row(**r) for r in results["rows"]], args.results / "pareto.png")
+        if args.results == BENCH:
+            update_readme(table, results["commands"])
         print(table)
         return
     if args.quick:
@@ -229,7 +239,7 @@ def main() -> None:
                 "calibration_samples": args.calibration_samples, "quick": args.quick}  # fmt: skip
     stamp = time.strftime("%Y-%m-%d")
     command = " ".join(["python scripts/bench.py", *sys.argv[1:]])
-    earlier, commands = earlier_rows(settings, {(r.method, r.bits) for r in rows})
+    earlier, commands = earlier_rows(args.results, settings, {(r.method, r.bits) for r in rows})
     rows = sorted(rows + earlier, key=lambda r: (METHOD_ORDER.get(r.method, -1), r.bits))
     results = {
         "commands": [*commands, f"{command} ({stamp})"],
@@ -244,11 +254,12 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "quick": args.quick,
     }
-    (BENCH / "results.json").write_text(json.dumps(results, indent=2))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown_table(results)
-    (BENCH / "results.md").write_text(table)
-    plot(rows, BENCH / "pareto.png")
-    if not args.no_readme and not args.quick:
+    (args.results / "results.md").write_text(table)
+    plot(rows, args.results / "pareto.png")
+    if not args.no_readme and not args.quick and args.results == BENCH:
         update_readme(table, results["commands"])
     print(table)
 
@@ -328,6 +339,8 @@ def ensure_peer_env() -> dict:
 def our_overrides(method: Method, base: Path, out: Path, bits: int, group_size: int, samples: int) -> dict[str, object]:
     """What the benchmark sets on top of a method's recipe."""
     common = {"export.out": str(out), "data.calibration.num_samples": samples, **dict(method.settings)}
+    if method.calibration != "embedded":
+        common["data.calibration.source"] = method.calibration
     if method.base:  # fine-tune the base method's checkpoint of this run, distilling from the original model
         start = CACHE / "runs" / f"{method.base}-w{bits}g{group_size}"
         return {"model.name": str(start), "stages.0.teacher": str(base), **common}
@@ -480,6 +493,10 @@ def markdown_table(results: dict) -> str:
         "Time is the compression step alone (for `+pv` and `+ste`, the fine-tuning of the `nupes` or `jlcm` "
         "checkpoint of the same bits, whose own time is its row's); peak RSS is the whole process.",
     ]
+    if any(r.method.endswith(("-generated", "-generated+pv")) for r in rows):
+        lines[-1] += (f" Methods named `-generated` calibrate on {results['calibration_samples']} sequences of 512 "
+                      "tokens sampled from the original model (`data.calibration.source: generated`, default "
+                      "settings) instead of the embedded text.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -531,10 +548,10 @@ def _plot(rows: list[Row], methods: list[str], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def earlier_rows(settings: dict, rerun: set[tuple[str, int]]) -> tuple[list[Row], list[str]]:
+def earlier_rows(directory: Path, settings: dict, rerun: set[tuple[str, int]]) -> tuple[list[Row], list[str]]:
     """Rows of the previous results.json measured with the same settings and not measured again now (so `--only`
     adds to the table instead of replacing it), and the commands that measured them."""
-    path = BENCH / "results.json"
+    path = directory / "results.json"
     if not path.is_file():
         return [], []
     previous = json.loads(path.read_text())

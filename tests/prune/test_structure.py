@@ -129,7 +129,9 @@ def test_checkpoints_of_pruned_models_load_in_a_fresh_process(tokenizer_dir, tmp
 
         round_to_storage(model)  # the checkpoint holds float16 values
         expected = model_output(model, ids)
-        assert torch.equal(loaded[f"{name}.load"], expected) and torch.equal(loaded[f"{name}.auto"], expected)
+        # the same values as the pruned model; the kernels may differ in the last bits with the weights' layout
+        torch.testing.assert_close(loaded[f"{name}.load"], expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(loaded[f"{name}.auto"], loaded[f"{name}.load"])
 
 
 def test_a_damaged_structure_record_is_refused_by_name(tokenizer_dir, tmp_path):
