@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output checkpoint directory (overrides export.out)")
     run.add_argument("--format", choices=["packed", "dense"], help="export format (overrides export.format)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    _budget_options(run)
     run.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     run.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation (size is still reported)")
     run.add_argument(
@@ -98,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("recipe", help="YAML recipe file")
     validate.add_argument("--model", help="check against this model instead of the recipe's")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    _budget_options(validate)
     validate.set_defaults(handler=_validate)
 
     schema = command("schema", help="print the JSON Schema of recipes")
@@ -137,6 +139,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _budget_options(parser: argparse.ArgumentParser) -> None:
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--target-size", metavar="SIZE", help="the checkpoint's weight files must fit SIZE (e.g. "
+                        "60MB), every tensor counted; sets the recipe's budget (needs an allocate stage)")  # fmt: skip
+    budget.add_argument("--target-bits", metavar="BITS", type=float, help="average stored bits per weight of the "
+                        "quantized layers (e.g. 2.5); sets the recipe's budget (needs an allocate stage)")  # fmt: skip
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     from compress.recipe import parse_override
 
@@ -144,6 +154,10 @@ def _overrides(args: argparse.Namespace) -> dict:
     for option, key in (("model", "model.name"), ("out", "export.out"), ("format", "export.format")):
         if getattr(args, option, None):
             overrides[key] = getattr(args, option)
+    if getattr(args, "target_size", None):
+        overrides["budget"] = {"size": args.target_size}
+    if getattr(args, "target_bits", None) is not None:
+        overrides["budget"] = {"bits_per_weight": args.target_bits}
     return overrides
 
 

@@ -10,7 +10,6 @@ the figures in docs/operations.md come from `scripts/bench_scale.py`, which meas
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -27,6 +26,7 @@ from compress.models import (
     unique_tensors,
 )
 from compress.recipe import Recipe
+from compress.recipe import parse_size as recipe_size
 from compress.registry import STAGES
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,10 @@ class MemoryPlan:
 
 def parse_size(text: str) -> int:
     """`2.5GB`, `2500MB`, `2.5G`, `800M`, `3GiB` or plain bytes -> bytes (GB and G both mean 2^30)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
-    if match is None:
-        raise CompressError(f"--max-memory {text!r}: expected a size such as 2.5GB, 800MB or 3000000000")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    return int(number * 1024 ** "_KMGT".index(unit or "_"))
+    try:
+        return recipe_size(text)
+    except ValueError as error:
+        raise CompressError(f"--max-memory {text!r}: expected a size such as 2.5GB, 800MB or 3000000000") from error
 
 
 def estimate(recipe: Recipe, model: nn.Module, offload: bool = False) -> tuple[dict[str, int], dict[str, int]]:

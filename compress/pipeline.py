@@ -281,8 +281,22 @@ def run(
             model, loaded.tokenizer, directory, export_format=recipe.export.format, recipe_yaml=recipe.to_yaml()
         )
         write_reports(directory, report, started, peak_before_stages)
+        check_budget(recipe, report)
     state.discard()
     return RunResult(model, report, out)
+
+
+def check_budget(recipe: Recipe, report: Report) -> None:
+    """A checkpoint over the recipe's budget is not written (the allocation plans within it; this is the proof)."""
+    budget = recipe.budget
+    if budget is None:
+        return
+    if budget.size is not None and report.size["checkpoint_bytes"] > budget.bytes():
+        raise CompressError(f"the checkpoint's weight files take {report.size['checkpoint_bytes']} bytes, over the "
+                            f"budget of {budget.bytes()} ({budget.size}); nothing was written")  # fmt: skip
+    if budget.bits_per_weight is not None and report.after["bits_per_weight"] > budget.bits_per_weight + 1e-9:
+        raise CompressError(f"the quantized layers store {report.after['bits_per_weight']:.4f} bits per weight, over "
+                            f"the budget of {budget.bits_per_weight}; nothing was written")  # fmt: skip
 
 
 def _run_streamed(recipe: Recipe, *, force: bool, evaluate: bool, resume: bool, offload: bool = False) -> RunResult:
@@ -365,6 +379,9 @@ def write_reports(directory: Path, report: Report, started: float, peak_before_s
     chart = report.error_chart()
     if chart is not None:
         (directory / "report.svg").write_text(chart)
+    chart = report.allocation_chart()
+    if chart is not None:
+        (directory / "allocation.svg").write_text(chart)
     report.size["directory_bytes"] = directory_size(directory)  # with the tokenizer, config and reports
     peak = max([peak_before_stages, peak_rss_bytes(), *(s.peak_rss_bytes for s in report.stages)])
     report.total = {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak}
@@ -384,6 +401,10 @@ def streaming_problems(recipe: Recipe) -> list[str]:
             problems.append(recipe.problem(("stages", index, "stage"), message))
     if recipe.export.format != "packed":
         problems.append(recipe.problem(("export", "format"), "streaming writes the packed format"))
+    for index, stage in enumerate(recipe.stages):
+        if stage.name == "allocate":
+            message = "allocate measures each layer with gradients through the whole model, which streaming never holds"
+            problems.append(recipe.problem(("stages", index, "stage"), message))
     if any(part.source == GENERATED for part in recipe.data.calibration.parts()):
         message = ("generated calibration text is sampled from the whole model, which streaming never holds; "
                    "calibrate on a text file or dataset, or run without streaming")  # fmt: skip

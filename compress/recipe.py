@@ -151,10 +151,46 @@ class ExportSpec(Strict):
         return out
 
 
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string: `60MB`, `2.5G`, `800M`, `3GiB` or plain bytes. K, M, G and T are powers of
+    1024 with or without `B` or `iB` (as the reports' MiB figures), for disk and memory alike."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", value, flags=re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"{value!r} is not a size; write e.g. 60MB, 1.5GiB or a number of bytes")
+    return int(float(match.group(1)) * 1024 ** "_KMGT".index(match.group(2).upper() or "_"))
+
+
+class Budget(Strict):
+    """What the `allocate` stage must fit: the whole checkpoint's weight files (`size`, every tensor and header
+    counted), or the quantized layers' average stored bits per weight (`bits_per_weight`). One of the two."""
+
+    size: int | str | None = Field(None, description="bytes, or a string such as 60MB or 1.5GiB")
+    bits_per_weight: float | None = Field(None, gt=0, le=32)
+
+    @field_validator("size")
+    @classmethod
+    def _a_size(cls, value: int | str | None) -> int | str | None:
+        if value is not None and parse_size(value) <= 0:
+            raise ValueError("must be more than 0 bytes")
+        return value
+
+    @model_validator(mode="after")
+    def _one_of_the_two(self) -> Budget:
+        if (self.size is None) == (self.bits_per_weight is None):
+            raise ValueError("give one of size (e.g. 60MB) and bits_per_weight (e.g. 2.5)")
+        return self
+
+    def bytes(self) -> int | None:
+        return None if self.size is None else parse_size(self.size)
+
+
 class RecipeFields(Strict):
     model: ModelSpec = ModelSpec()
     seed: int = Field(0, ge=0, le=2**32 - 1)
     data: DataSpec = DataSpec()
+    budget: Budget | None = Field(None, description="what an `allocate` stage must fit")
     stages: list[dict[str, Any]] = Field(min_length=1)
     export: ExportSpec = ExportSpec()
 
@@ -171,6 +207,7 @@ class Recipe(BaseModel):
     model: ModelSpec
     seed: int
     data: DataSpec
+    budget: Budget | None = None
     stages: list[Stage]
     export: ExportSpec
     path: str = "<recipe>"
@@ -188,6 +225,7 @@ class Recipe(BaseModel):
             "model": self.model.model_dump(),
             "seed": self.seed,
             "data": {"calibration": self.data.calibration.dump(), "evaluation": self.data.evaluation.model_dump()},
+            **({"budget": self.budget.model_dump(exclude_none=True)} if self.budget is not None else {}),
             "stages": [{"stage": s.name, **s.config.model_dump()} for s in self.stages],
             "export": self.export.model_dump(),
         }
@@ -290,6 +328,7 @@ def _parse_recipe(text: str, source: str, overrides: dict[str, Any] | None) -> R
         model=fields.model,
         seed=fields.seed,
         data=fields.data,
+        budget=fields.budget,
         stages=stages,
         export=fields.export,
         path=source,
@@ -332,6 +371,10 @@ def json_schema() -> dict[str, Any]:
                    "then": v} for v in variants],
     }  # fmt: skip
     schema["properties"]["model"] = {"anyOf": [{"type": "string", "minLength": 1}, schema["properties"]["model"]]}
+    calibration = definitions["DataSpec"]["properties"]["calibration"]
+    mixture = {"type": "array", "items": {"$ref": "#/$defs/CalibrationSource"}, "minItems": 1, "maxItems": 64}
+    definitions["DataSpec"]["properties"]["calibration"] = {"anyOf": [mixture, {"$ref": calibration.pop("$ref")}],
+                                                            **calibration}  # `calibration: [sources]`  # fmt: skip
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "compress recipe"
     return schema

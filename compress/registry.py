@@ -70,6 +70,7 @@ def register_block_stage(
     calibration_batch: Callable,
     quantizes: bool = False,
     check: Callable | None = None,
+    prepare: Callable | None = None,
 ) -> Callable[[Callable], Callable]:
     """Register `block(block, index, name, inputs, config, context)` as the block-local stage `name` (see
     `StageEntry`); its whole-model `apply` runs the blocks in order through `compress.blockwise.run_stage`.
@@ -85,7 +86,7 @@ def register_block_stage(
             run_stage(model, STAGES[name], stage_config, context)
 
         STAGES[name] = StageEntry(
-            name, config, apply, quantizes, False, check, None, block=block, calibration_batch=calibration_batch
+            name, config, apply, quantizes, False, check, prepare, block=block, calibration_batch=calibration_batch
         )
         return block
 

@@ -141,6 +141,43 @@ class Report:
             return None
         return line_chart_svg(series, "Relative weight error by block", "block", "relative weight error")
 
+    def allocation_lines(self) -> list[str]:
+        """What `allocate` chose: layers and bits per candidate, the budget against what was used, and the
+        predicted loss increase (the Fisher estimate) against the measured KL."""
+        chosen = {name: layer["allocation"] for name, layer in self.layers.items() if "allocation" in layer}
+        stage = next((s for s in self.stages if s.name == "allocate"), None)
+        if not chosen or stage is None:
+            return []
+        summary = stage.metrics.get("summary", {})
+        lines = ["![bits per weight of each layer by block](allocation.svg)", "",
+                 "| candidate | layers | bits/weight | predicted KL |", "|---|---:|---:|---:|"]  # fmt: skip
+        for candidate in dict.fromkeys(entry["candidate"] for entry in chosen.values()):
+            names = [n for n, e in chosen.items() if e["candidate"] == candidate]
+            bits = sum(self.layers[n]["bits_per_weight"] for n in names) / len(names)
+            predicted = sum(chosen[n]["predicted_kl"] for n in names)
+            lines.append(f"| {candidate} | {len(names)} | {bits:.3f} | {_fmt(predicted)} |")
+        used = summary.get("chosen_bytes", summary.get("chosen_bits"))
+        allowed = summary.get("allowed_bytes", summary.get("allowed_bits"))
+        unit = "bytes" if "chosen_bytes" in summary else "bits"
+        lines += ["", f"Budget: {summary.get('budget')} ({summary.get('budget_unit')}); chosen {used} of {allowed} "
+                  f"{unit} as planned, measured {self.size.get('checkpoint_bytes')} bytes of weight files. "
+                  f"Predicted KL {_fmt(summary.get('predicted_kl'))} (the sum of each layer's Fisher estimate), "
+                  f"measured {_fmt(self.after.get('kl_to_original'))}."]  # fmt: skip
+        return lines
+
+    def allocation_chart(self) -> str | None:
+        """SVG: each kind of layer's stored bits per weight by block, as `allocate` chose them."""
+        from compress.plot import line_chart_svg
+
+        series: dict[str, list[tuple[float, float]]] = {}
+        for name, layer in self.layers.items():
+            match = BLOCK_LAYER.match(name)
+            if "allocation" in layer and match:
+                series.setdefault(match.group(3), []).append((int(match.group(2)), layer["bits_per_weight"]))
+        if not series:
+            return None
+        return line_chart_svg(series, "Bits per weight by block (allocate)", "block", "bits per weight")
+
     def calibration_line(self) -> str:
         """Where the calibration windows came from, e.g. `96 windows of 512 tokens sampled from the original
         model (temperature 1, top-p 0.95, from random tokens; reused from the cache), 32 from embedded (first
@@ -173,6 +210,9 @@ class Report:
         lines += ["", "## Stages", "", "| stage | seconds | peak RSS | figures |", "|---|---:|---:|---|"]
         lines += [f"| {s.name} | {s.seconds:.1f} | {_mb(s.peak_rss_bytes)} | {_figures(s.metrics)} |"
                   for s in self.stages]  # fmt: skip
+        allocation = self.allocation_lines()
+        if allocation:
+            lines += ["", "## Allocation", "", *allocation]
         if self.layers:
             lines += ["", "## Layers", ""]
             kinds = self.layer_kinds()

@@ -67,14 +67,36 @@ def recipe_problems(recipe: Recipe, model: nn.Module) -> tuple[list[str], list[i
     if problem:
         problems.append(recipe.problem(("data", "evaluation", "source"), problem, evaluation.source))
     problems += calibration_problems(recipe, model)
+    problems += budget_problems(recipe, model)
     return problems, counts
+
+
+def budget_problems(recipe: Recipe, model: nn.Module) -> list[str]:
+    """A budget needs an `allocate` stage, first (it measures the original model), and a reachable budget."""
+    from compress.stages import allocate
+
+    allocating = [index for index, stage in enumerate(recipe.stages) if stage.name == "allocate"]
+    if recipe.budget is not None and not allocating:
+        return [recipe.problem(("budget",), "is met by an allocate stage, and the recipe has none")]
+    problems = []
+    for index in allocating:
+        if index != 0:
+            message = "allocate measures each layer of the original model: it must be the first stage"
+            problems.append(recipe.problem(("stages", index, "stage"), message))
+        config = recipe.stages[index].config
+        layers = selected_layers(model, config)
+        if not layers:
+            continue
+        where = ("budget",) if recipe.budget is not None else ("stages", index)
+        problems += [recipe.problem(where, p) for p in allocate.budget_problems(model, config, recipe.budget, layers)]
+    return problems
 
 
 def calibrates(recipe: Recipe) -> bool:
     """Whether a stage of `recipe` reads calibration windows: a block-local stage that asks for calibration
     inputs, or a stage that trains the whole model (pv_tuning, hesso)."""
-    return any(STAGES[s.name].block is None or STAGES[s.name].calibration_batch(s.config) is not None
-               for s in recipe.stages)  # fmt: skip
+    return any(STAGES[s.name].block is None or STAGES[s.name].prepare is not None
+               or STAGES[s.name].calibration_batch(s.config) is not None for s in recipe.stages)  # fmt: skip
 
 
 def calibration_problems(recipe: Recipe, model: nn.Module) -> list[str]:

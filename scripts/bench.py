@@ -367,6 +367,10 @@ def read_our_figures(out: Path, row: Row) -> None:
     row.peak_rss_bytes = report["total"]["peak_rss_bytes"]
     row.bits_per_weight = report["after"]["bits_per_weight"]
     row.checkpoint_bytes = report["size"]["checkpoint_bytes"]
+    for entry in report.get("calibration", []):
+        if entry.get("source") == "generated":
+            row.notes.append(f"calibration: {entry['windows']} sequences sampled from the original model "
+                             + ("(from the cache)" if entry["cached"] else f"in {entry['seconds']:.0f} s"))  # fmt: skip
 
 
 def compress_peer(

@@ -123,6 +123,11 @@ def test_schema_accepts_every_shipped_recipe_and_rejects_bad_ones(capsys):
         {"stages": []},
         {"seed": -1, "stages": [{"stage": "rtn"}]},
         {"stages": [{"stage": "rtn"}], "export": {"format": "zip"}},
+        {"stages": [{"stage": "rtn"}], "data": {"calibration": [{"source": "generated", "wieght": 2}]}},
+        {"stages": [{"stage": "rtn"}], "data": {"calibration": {"source": "generated", "generation": {"top_p": 2}}}},
     ]
+    mixtures = [{"source": "generated", "weight": 3, "generation": {"temperature": 0.8}}, {"source": "notes.txt"}]
+    for data in ({"calibration": mixtures}, {"calibration": {"num_samples": 64, "sources": mixtures}}):
+        assert not list(validator.iter_errors({"stages": [{"stage": "rtn"}], "data": data})), data
     for recipe in bad:
         assert list(validator.iter_errors(recipe)), recipe

@@ -1,3 +1,10 @@
 """Compression stages. Importing this package registers every stage."""
 
-from compress.stages import hesso, jlcm, nupes, pv_tuning, rtn  # noqa: F401
+from compress.stages import (  # noqa: F401
+    allocate,  # noqa: F401  (after the stages it chooses among)
+    hesso,
+    jlcm,
+    nupes,
+    pv_tuning,
+    rtn,
+)

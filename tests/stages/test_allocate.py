@@ -1,0 +1,214 @@
+"""`allocate`: per-layer candidates chosen by Fisher-weighted sensitivity to fit a size or bits budget."""
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from compress import pipeline
+from compress.cli import main
+from compress.errors import CompressError
+from compress.recipe import parse_recipe
+from compress.run_state import run_directory
+from compress.solvers.allocation import choose
+from compress.stages import allocate
+from compress.validate import validate
+from tests.conftest import TINY_DATA, model_output, tiny_recipe
+from tests.test_resume import Crash, crash_at, same_files
+
+CANDIDATES = [{"stage": "rtn", "bits": 2, "group_size": 32}, {"stage": "rtn", "bits": 4, "group_size": 32},
+              {"stage": "rtn", "bits": 8, "group_size": 32}]  # fmt: skip
+ALLOCATE = {"stage": "allocate", "candidates": CANDIDATES, "sensitivity_windows": 4}
+
+
+def test_the_knapsack_is_exact():
+    """Against every combination, on small random problems: the least cost that fits, never over the budget."""
+    rng = random.Random(0)
+    for _ in range(40):
+        layers, options = rng.randint(1, 5), rng.randint(1, 4)
+        costs = [[rng.random() for _ in range(options)] for _ in range(layers)]
+        sizes = [[rng.randint(1, 50) for _ in range(options)] for _ in range(layers)]
+        budget = rng.randint(sum(min(r) for r in sizes), sum(max(r) for r in sizes))
+        choice, unit = choose(costs, sizes, budget)
+        assert unit == 1 and sum(sizes[i][j] for i, j in enumerate(choice)) <= budget
+        best = min(sum(costs[i][j] for i, j in enumerate(combo)) for combo in
+                   itertools.product(range(options), repeat=layers)
+                   if sum(sizes[i][j] for i, j in enumerate(combo)) <= budget)  # fmt: skip
+        assert sum(costs[i][j] for i, j in enumerate(choice)) == pytest.approx(best)
+    with pytest.raises(ValueError, match="smallest"):
+        choose([[1.0]], [[10]], 9)
+    # a large budget: sizes rounded up to a unit of the table, which costs at most a unit per layer of the budget
+    choice, unit = choose([[1.0, 0.0]] * 3, [[10**6, 3 * 10**6]] * 3, 5 * 10**6 + 3 * 40)
+    assert unit == 39 and sorted(choice) == [0, 0, 1]
+    choice, _ = choose([[1.0, 0.0]] * 3, [[10**6, 3 * 10**6]] * 3, 5 * 10**6)
+    assert sorted(choice) == [0, 0, 0]  # within 3 units of fitting: the rounded problem does not fit it
+
+
+def _sizes(model_dir, tmp_path, **budget):
+    recipe = tiny_recipe(model_dir, tmp_path / "probe", [ALLOCATE], budget=budget)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = recipe.stages[0].config
+    layers = {n: tuple(m.weight.shape) for n, m in model.named_modules() if n.startswith("model.layers.")
+              and isinstance(m, torch.nn.Linear)}  # fmt: skip
+    return allocate.budget_sizes(model, config, recipe.budget, layers)
+
+
+def test_a_size_budget_is_met_on_disk_and_used(model_dirs, tmp_path, one_thread):
+    sizes = _sizes(model_dirs["llama"], tmp_path, size=10**9)
+    smallest = sizes.fixed + sum(min(c) for c in sizes.per_layer.values())
+    largest = sizes.fixed + sum(max(c) for c in sizes.per_layer.values())
+    budget = (smallest + largest) // 2
+    out = tmp_path / "out"
+    result = pipeline.run(tiny_recipe(model_dirs["llama"], out, [ALLOCATE], budget={"size": budget}))
+    on_disk = (out / "model.safetensors").stat().st_size
+    assert on_disk <= budget and result.report.size["checkpoint_bytes"] == on_disk
+    assert on_disk > smallest + (largest - smallest) // 4  # the budget is spent, not left unused
+    choices = {layer["allocation"]["candidate"] for layer in result.report.layers.values()}
+    assert len(choices) >= 2  # mixed
+    report = (out / "report.md").read_text()
+    assert "## Allocation" in report and "Predicted KL" in report and (out / "allocation.svg").is_file()
+    summary = result.report.stages[0].metrics["summary"]
+    assert summary["chosen_bytes"] <= budget and summary["predicted_kl"] > 0
+    # the smallest candidate for every layer: exactly the planned size's floor
+    out_small = tmp_path / "small"
+    pipeline.run(tiny_recipe(model_dirs["llama"], out_small, [ALLOCATE], budget={"size": smallest}), evaluate=False)
+    assert (out_small / "model.safetensors").stat().st_size <= smallest
+
+
+def test_a_bits_budget(model_dirs, tmp_path, one_thread):
+    out = tmp_path / "out"
+    result = pipeline.run(tiny_recipe(model_dirs["llama"], out, [ALLOCATE], budget={"bits_per_weight": 4.5}),
+                          evaluate=False)  # fmt: skip
+    bits = result.report.after["bits_per_weight"]
+    assert 3.5 < bits <= 4.5  # between the 4-bit and 8-bit candidates' bits (each with its scales), within budget
+
+
+def test_a_sensitive_layer_gets_more_bits(model_dirs, tmp_path, monkeypatch, one_thread):
+    """A layer made artificially sensitive (its measured Fisher information times 1000) takes more bits than the
+    same layer under the same budget without it, and other layers give up bits to pay for it. (That the Fisher
+    estimate itself ranks layers as the measured KL does is the next test.)"""
+    layer = "model.layers.1.mlp.down_proj"
+    measured = allocate.fisher_diagonals
+
+    def sensitive(model, linears, windows):
+        found = measured(model, linears, windows)
+        found[layer] = found[layer] * 1000
+        return found
+
+    bits = {}
+    for kind in ("plain", "sensitive"):
+        if kind == "sensitive":
+            monkeypatch.setattr(allocate, "fisher_diagonals", sensitive)
+        result = pipeline.run(tiny_recipe(model_dirs["llama"], tmp_path / kind, [ALLOCATE],
+                                          budget={"bits_per_weight": 3.5}), evaluate=False)  # fmt: skip
+        bits[kind] = {name: entry["bits_per_weight"] for name, entry in result.report.layers.items()}
+        predicted = result.report.layers[layer]["allocation"]["predicted_kl_per_candidate"]
+        assert list(predicted.values()) == sorted(predicted.values(), reverse=True)  # more bits, less loss
+    assert bits["sensitive"][layer] > bits["plain"][layer], bits
+    assert any(bits["sensitive"][n] < bits["plain"][n] for n in bits["plain"] if n != layer)
+
+
+def test_the_estimate_ranks_layers_as_the_measured_kl_does(model_dirs, one_thread):
+    """The Fisher estimate of each layer's loss increase at 2 bits, against the KL measured with that layer alone
+    quantized: a rank correlation well above chance, and the same order of magnitude in total."""
+    from compress.stages.rtn import RtnConfig
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).eval()
+    generator = torch.Generator().manual_seed(0)
+    windows = torch.randint(3, 320, (8, 64), generator=generator)
+    with torch.no_grad():
+        reference = torch.log_softmax(model_output(model, windows), -1)
+    linears = {n: m for n, m in model.named_modules()
+               if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)}  # fmt: skip
+    fisher = allocate.fisher_diagonals(model, linears, windows)
+    config = RtnConfig(bits=2, group_size=32)
+    predicted, measured = [], []
+    for name, linear in linears.items():
+        quantized = allocate.proxy_quantization("rtn", config, name, linear).dequantize().detach()
+        delta = linear.weight.detach() - quantized
+        predicted.append(0.5 * float((fisher[name] * delta.square()).sum()))
+        original = linear.weight.detach().clone()
+        with torch.no_grad():
+            linear.weight.copy_(quantized)
+            logp = torch.log_softmax(model_output(model, windows), -1)
+            linear.weight.copy_(original)
+        measured.append(float((reference.exp() * (reference - logp)).sum(-1).mean()))
+
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        result = [0] * len(values)
+        for rank, index in enumerate(order):
+            result[index] = rank
+        return torch.tensor(result, dtype=torch.float)
+
+    correlation = torch.corrcoef(torch.stack([ranks(predicted), ranks(measured)]))[0, 1]
+    assert correlation > 0.6, (correlation, predicted, measured)
+    assert 0.1 < sum(predicted) / sum(measured) < 10
+
+
+def test_validate_refuses_an_unreachable_budget_with_the_range(model_dirs, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(model_dirs["llama"]), "data": TINY_DATA, "stages": [ALLOCATE],
+                                      "export": {"out": str(tmp_path / "out")}}))  # fmt: skip
+    assert main(["validate", str(recipe)]) == 2
+    assert "allocate fits a budget, and the recipe has none" in capsys.readouterr().err
+    assert main(["validate", str(recipe), "--target-size", "20K"]) == 2
+    error = capsys.readouterr().err
+    assert "size 20K" in error and "reachable" in error and "MiB" in error and "Traceback" not in error
+    assert main(["validate", str(recipe), "--target-bits", "1.5"]) == 2
+    assert "reachable 2.562 to 8.750 bits per weight" in capsys.readouterr().err  # scales and zeros counted
+    assert main(["validate", str(recipe), "--target-bits", "3"]) == 0
+    assert main(["run", str(recipe), "--target-size", "20K"]) == 2  # refused before any work
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"budget": {"size": "60MB"}, "stages": [{"stage": "rtn"}]}, "is met by an allocate stage"),
+        ({"budget": {"size": "60MB"}, "stages": [{"stage": "rtn", "ignore": ["mlp"]}, ALLOCATE]},
+         "it must be the first stage"),
+        ({"budget": {"size": "lots"}, "stages": [ALLOCATE]}, "is not a size"),
+        ({"budget": {"size": "1MB", "bits_per_weight": 3}, "stages": [ALLOCATE]}, "give one of size"),
+        ({"budget": {"bits_per_weight": 3}, "stages": [{"stage": "allocate", "candidates": [{"stage": "jlcm"}]}]},
+         "codebook formats are not yet candidates"),
+        ({"budget": {"bits_per_weight": 3},
+          "stages": [{"stage": "allocate", "candidates": [{"stage": "rtn", "bitz": 3}]}]}, "bitz"),
+    ],
+)  # fmt: skip
+def test_budget_mistakes_are_named(raw, message, model_dirs, tmp_path):
+    raw = {"model": str(model_dirs["llama"]), "data": TINY_DATA, **raw}
+    with pytest.raises(CompressError, match=message):
+        validate(parse_recipe(yaml.safe_dump(raw), "b.yaml"))
+
+
+def test_a_stopped_allocation_resumes_to_the_same_files(model_dirs, tmp_path, monkeypatch, one_thread):
+    budget = {"bits_per_weight": 4.5}
+    reference = tmp_path / "reference"
+    pipeline.run(tiny_recipe(model_dirs["llama"], reference, [ALLOCATE], budget=budget), evaluate=False)
+    out = tmp_path / "out"
+    recipe = tiny_recipe(model_dirs["llama"], out, [ALLOCATE], budget=budget)
+    with monkeypatch.context() as patch:
+        crash_at(patch, "allocate", 1)
+        with pytest.raises(Crash):
+            pipeline.run(recipe, evaluate=False)
+    assert (run_directory(out) / "state.json").is_file()
+    pipeline.run(recipe, evaluate=False, resume=True)
+    same_files(out, reference)
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    assert all("allocation" in layer for layer in layers.values())
+
+
+def test_inspect_shows_the_choices(model_dirs, tmp_path, capsys, one_thread):
+    out = tmp_path / "out"
+    result = pipeline.run(tiny_recipe(model_dirs["llama"], out, [ALLOCATE], budget={"bits_per_weight": 4.5}),
+                          evaluate=False)  # fmt: skip
+    assert main(["inspect", str(out)]) == 0
+    shown = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("model.")}
+    chosen = {name: layer["settings"]["bits"] for name, layer in result.report.layers.items()}
+    assert len(set(chosen.values())) >= 2
+    assert all(f"bits={bits}," in shown[name] for name, bits in chosen.items())
