@@ -57,6 +57,7 @@ class Method:
     calibration: str = "embedded"  # or "generated": sampled from the original model (data.calibration.source)
 
 
+DATA_FREE_CANDIDATES = [{"stage": "nupes", "bits": bits} for bits in (2, 3, 4)] + [{"stage": "rtn", "bits": 8}]
 METHODS = [
     Method("rtn", "ours", recipe="recipes/rtn-w4.yaml"),
     Method("nupes-data-free", "ours", recipe="recipes/nupes-data-free-w4.yaml"),
@@ -148,6 +149,15 @@ METHODS = [
         only_bits=(2, 3),
         settings=(("stages.0.steps", 16), ("stages.0.latent_learning_rate", 3e-3), ("stages.0.proximal", False)),
     ),  # fmt: skip
+    # size budgets: each layer's candidate chosen by `allocate` to fit the quantized layers' average bits, against
+    # the single setting at no more than the same bits (nupes W2 g64 stores 2.28, W3 3.30, HQQ W2 2.50)
+    Method("allocate-2.5", "ours", recipe="recipes/allocate-2.5bit.yaml", grid=False, only_bits=(2,)),
+    Method("allocate-3.3", "ours", recipe="recipes/allocate-2.5bit.yaml", grid=False, only_bits=(3,),
+           settings=(("budget.bits_per_weight", 3.3),)),  # fmt: skip
+    Method("allocate-data-free-2.5", "ours", recipe="recipes/allocate-2.5bit.yaml", grid=False, only_bits=(2,),
+           settings=(("stages.0.candidates", DATA_FREE_CANDIDATES),)),  # fmt: skip
+    Method("allocate-data-free-3.3", "ours", recipe="recipes/allocate-2.5bit.yaml", grid=False, only_bits=(3,),
+           settings=(("stages.0.candidates", DATA_FREE_CANDIDATES), ("budget.bits_per_weight", 3.3))),  # fmt: skip
     Method("llmcompressor-rtn", "llmcompressor", peer_method="rtn"),
     Method("llmcompressor-gptq", "llmcompressor", peer_method="gptq"),
     Method("hqq", "hqq"),
