@@ -271,6 +271,7 @@ def _eval(args: argparse.Namespace) -> int:
         "model": args.model,
         "text": f"{args.data} ({args.half} half), {len(windows)} windows of {windows.shape[1]} tokens",
         "perplexity": quality.perplexity,
+        "log_perplexity_se": quality.log_perplexity_se,
         "kl_to_original": quality.kl_to_original,
         "tokens": quality.tokens,
         "bits_per_weight": bits if weights else None,
@@ -284,7 +285,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     size_kind = "weight files" if checkpoint else "as float16"
-    rows = [("model", args.model), ("text", result["text"]), ("perplexity", f"{quality.perplexity:.3f}")]
+    spread = "" if quality.log_perplexity_se is None else f" ±{100 * quality.log_perplexity_se:.1f}% (standard error)"
+    rows = [("model", args.model), ("text", result["text"]), ("perplexity", f"{quality.perplexity:.3f}{spread}")]
     if quality.kl_to_original is not None:
         rows.append((f"KL to {args.against} (nats/token)", f"{quality.kl_to_original:.4f}"))
     rows.append(("bits per weight (quantized layers)", f"{bits:.3f}" if weights else "- (none quantized)"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,15 @@ class LanguageModelQuality:
     perplexity: float
     kl_to_original: float | None
     tokens: int
+    window_nll: list[float] = field(default_factory=list)  # each window's mean next-token loss
+
+    @property
+    def log_perplexity_se(self) -> float | None:
+        """The standard error of the mean token loss (the log-perplexity) over the windows, each window one
+        sample (its tokens are not independent): the spread a perplexity is known to, as a fraction of it."""
+        if len(self.window_nll) < 2:
+            return None
+        return float(np.std(self.window_nll, ddof=1) / math.sqrt(len(self.window_nll)))
 
 
 @torch.no_grad()
@@ -53,14 +62,17 @@ def language_model_quality(
     total_nll = 0.0
     total_kl = 0.0
     count = 0
+    per_window: list[float] = []
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
         batch = windows[start : start + batch_size]
         logits = model(input_ids=batch, use_cache=False).logits
         for row in range(len(batch)):  # one window at a time: [positions, vocab] tensors stay small
             logprobs = F.log_softmax(logits[row, :-1].float(), dim=-1)
             targets = batch[row, 1:]
-            total_nll += float(-logprobs.gather(-1, targets.unsqueeze(-1)).sum())
+            window_nll = float(-logprobs.gather(-1, targets.unsqueeze(-1)).sum())
+            total_nll += window_nll
             count += targets.numel()
+            per_window.append(window_nll / targets.numel())
             if reference is None:
                 continue
             if record:
@@ -70,7 +82,7 @@ def language_model_quality(
                 total_kl += float(F.kl_div(logprobs, original, log_target=True, reduction="sum"))
         del logits
     kl = total_kl / count if reference is not None and not record else None
-    return LanguageModelQuality(perplexity=math.exp(total_nll / count), kl_to_original=kl, tokens=count)
+    return LanguageModelQuality(math.exp(total_nll / count), kl, count, per_window)
 
 
 @torch.no_grad()

@@ -495,6 +495,7 @@ class _Evaluation:
                 desc="eval original" if original else "eval compressed",
             )
             result["perplexity"] = quality.perplexity
+            result["log_perplexity_se"] = quality.log_perplexity_se
             result["tokens"] = quality.tokens
             if not original:
                 result["kl_to_original"] = quality.kl_to_original

@@ -173,6 +173,8 @@ class Row:
     bits_per_weight: float | None = None
     perplexity: float | None = None
     perplexity_ood: float | None = None
+    perplexity_se: float | None = None  # standard error of the log-perplexity over the windows (a fraction)
+    perplexity_ood_se: float | None = None
     kl_to_original: float | None = None
     checkpoint_bytes: int | None = None
     compress_seconds: float | None = None
@@ -444,9 +446,11 @@ def evaluate_all(base: Path, rows: list[Row], texts: dict, group_size: int) -> N
     windows = texts["in_domain"]
     reference = ReferenceCache(len(windows), windows.shape[1] - 1, original.get_output_embeddings().weight.shape[0])
     baseline = Row("original (float32)", 16, group_size, bits_per_weight=16.0)
-    baseline.perplexity = language_model_quality(original, windows, 4, reference, record=True).perplexity
+    quality = language_model_quality(original, windows, 4, reference, record=True)
+    baseline.perplexity, baseline.perplexity_se = quality.perplexity, quality.log_perplexity_se
     if "out_of_domain" in texts:
-        baseline.perplexity_ood = language_model_quality(original, texts["out_of_domain"], 4).perplexity
+        quality = language_model_quality(original, texts["out_of_domain"], 4)
+        baseline.perplexity_ood, baseline.perplexity_ood_se = quality.perplexity, quality.log_perplexity_se
     baseline.tokens_per_second = tokens_per_second(original, windows, 4)
     baseline.kl_to_original = 0.0
     baseline.checkpoint_bytes = 2 * sum(p.numel() for p in original.parameters())
@@ -460,8 +464,10 @@ def evaluate_all(base: Path, rows: list[Row], texts: dict, group_size: int) -> N
             model = compress.load(out) if (out / "report.json").is_file() else load_model(str(out)).model
             quality = language_model_quality(model, windows, 4, reference)
             row.perplexity, row.kl_to_original = quality.perplexity, quality.kl_to_original
+            row.perplexity_se = quality.log_perplexity_se
             if "out_of_domain" in texts:
-                row.perplexity_ood = language_model_quality(model, texts["out_of_domain"], 4).perplexity
+                quality = language_model_quality(model, texts["out_of_domain"], 4)
+                row.perplexity_ood, row.perplexity_ood_se = quality.perplexity, quality.log_perplexity_se
             row.tokens_per_second = tokens_per_second(model, windows, 4)
         except Exception as error:  # a row says why it has no figures; the benchmark goes on
             row.status = f"evaluation failed: {error}"
@@ -491,8 +497,9 @@ def markdown_table(results: dict) -> str:
             lines.append(f"| {r.method} | {r.bits} | {r.status} |" + " |" * (len(header) - 3))
             continue
         ratio = r.compress_seconds / gptq_time[r.bits] if r.compress_seconds and r.bits in gptq_time else None
-        cells = [r.method, str(r.bits) if r.bits < 16 else "-", _f(r.bits_per_weight, 3), _f(r.perplexity, 2),
-                 *([_f(r.perplexity_ood, 2)] if ood else []), _f(r.kl_to_original, 3),
+        other = [_spread(r.perplexity_ood, r.perplexity_ood_se)] if ood else []
+        cells = [r.method, str(r.bits) if r.bits < 16 else "-", _f(r.bits_per_weight, 3),
+                 _spread(r.perplexity, r.perplexity_se), *other, _f(r.kl_to_original, 3),
                  _f(r.checkpoint_bytes / 2**20 if r.checkpoint_bytes else None, 1), _f(r.compress_seconds, 1),
                  _f(ratio, 2), _f(r.peak_rss_bytes / 2**20 if r.peak_rss_bytes else None, 0),
                  _f(r.tokens_per_second, 0)]  # fmt: skip
@@ -507,11 +514,20 @@ def markdown_table(results: dict) -> str:
         "Time is the compression step alone (for `+pv` and `+ste`, the fine-tuning of the `nupes` or `jlcm` "
         "checkpoint of the same bits, whose own time is its row's); peak RSS is the whole process.",
     ]
+    if any(r.perplexity_se is not None for r in rows):
+        lines[-1] += (" ± is the standard error of the log-perplexity over the windows (each window one sample), as "
+                      "a share of the perplexity: rows closer than about twice it are not told apart by these "
+                      "windows.")  # fmt: skip
     if any(r.method.endswith(("-generated", "-generated+pv")) for r in rows):
         lines[-1] += (f" Methods named `-generated` calibrate on {results['calibration_samples']} sequences of 512 "
                       "tokens sampled from the original model (`data.calibration.source: generated`, default "
                       "settings) instead of the embedded text.")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _spread(perplexity, se) -> str:
+    """A perplexity with its standard error as a share of it, e.g. `12.05 ±1.3%` (the error alone where measured)."""
+    return _f(perplexity, 2) if se is None or perplexity is None else f"{perplexity:.2f} ±{100 * se:.1f}%"
 
 
 def _f(value, digits: int) -> str:

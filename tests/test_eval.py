@@ -65,3 +65,20 @@ def test_sentence_embeddings_ignore_padding(tokenizer_dir):
     assert padded.shape == (2, 64) and torch.allclose(padded.norm(dim=-1), torch.ones(2))
     assert torch.allclose(alone[0], padded[0], atol=1e-5)  # the padding of the shorter sentence changes nothing
     assert float(padded[0] @ padded[1]) < 0.9999
+
+
+def test_the_spread_of_a_perplexity_is_the_standard_error_over_windows():
+    from compress.eval import LanguageModelQuality
+
+    quality = LanguageModelQuality(perplexity=1.0, kl_to_original=None, tokens=4, window_nll=[1.0, 2.0, 3.0, 4.0])
+    assert quality.log_perplexity_se == pytest.approx((5 / 3) ** 0.5 / 2)  # sample std / sqrt(windows)
+    assert LanguageModelQuality(1.0, None, 1, [2.0]).log_perplexity_se is None
+
+
+def test_each_windows_loss_is_recorded():
+    model = build_model("llama")
+    windows = torch.randint(3, 320, (5, 24), generator=torch.Generator().manual_seed(0))
+    quality = language_model_quality(model, windows, 2)
+    assert len(quality.window_nll) == 5 and len(set(quality.window_nll)) == 5
+    assert math.exp(sum(quality.window_nll) / 5) == pytest.approx(quality.perplexity)  # equal windows: the mean
+    assert 0 < quality.log_perplexity_se < 1
