@@ -201,8 +201,8 @@ def main() -> None:
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the section of docs/benchmark.md")
     parser.add_argument("--reuse", action="store_true", help="keep earlier compressions made with the same settings")
     parser.add_argument("--peer-timeout", type=int, default=1800, help="seconds a peer may take to compress")
-    parser.add_argument("--results", type=Path, default=BENCH, help="directory of results.json, results.md and the "
-                        "plot (default bench/; bench/NAME/ writes the bench-NAME section of docs/benchmark.md)")  # fmt: skip
+    parser.add_argument("--results", type=Path, default=BENCH, help="directory of results.json, results.md and "
+                        "the plot (default bench/; bench/NAME/ writes the bench-NAME section of docs/benchmark.md)")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table, plot and docs/benchmark.md "
                         "section from bench/results.json; nothing is compressed or measured")  # fmt: skip
     args = parser.parse_args()
