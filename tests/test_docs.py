@@ -36,8 +36,8 @@ def section(page: str, marker: str) -> str:
 GENERATED = [
     ("", "bench", "markdown_table", "benchmark.md", "bench"),
     ("nupes-w3", "bench", "markdown_table", None, None),
-    ("calibration", "bench", "markdown_table", None, None),
-    ("allocate", "bench", "markdown_table", None, None),
+    ("calibration", "bench", "markdown_table", "benchmark.md", "bench-calibration"),
+    ("allocate", "bench", "markdown_table", "benchmark.md", "bench-allocate"),
     ("decode", "bench_decode", "table", "runtime.md", "decode-bench"),
     ("scale", "bench_scale", "markdown", "operations.md", "scale-bench"),
     ("offload", "bench_offload", "markdown", "operations.md", "offload-bench"),
