@@ -316,7 +316,12 @@ def compress_block(block, index: int, name: str, inputs, config: AllocateConfig,
             continue
         others = [f"^{re.escape(full)}$" for full in sorted(mine - chosen)]
         restricted = cfg.model_copy(update={"targets": config.targets, "ignore": [*config.ignore, *others]})
-        STAGES[stage].block(block, index, name, inputs, restricted, context)
+        outer = context.metrics  # each candidate stage keeps its own figures, under its label
+        context.metrics = outer.setdefault("candidates", {}).setdefault(allocation["labels"][number], {})
+        try:
+            STAGES[stage].block(block, index, name, inputs, restricted, context)
+        finally:
+            context.metrics = outer
         for full in chosen:
             context.layers[full]["allocation"] = {
                 "candidate": allocation["labels"][number],
