@@ -237,10 +237,13 @@ def run(
     if evaluation is not None:
         report.before = evaluation.measure(model, original=True)
 
-    for stage in recipe.stages:
+    prepared: dict[int, float] = {}  # seconds each stage's `prepare` took, counted in its time
+    for index, stage in enumerate(recipe.stages):
         prepare = STAGES[stage.name].prepare
         if prepare is not None:
+            prepare_start = time.perf_counter()
             prepare(model, stage.config, context)
+            prepared[index] = time.perf_counter() - prepare_start
     restore_finished_stages(model, recipe, state, context)
     report.stages = [StageRecord(**record) for record in state.stage_records]
     peak_before_stages = peak_rss_bytes()  # each stage resets the high-water mark; keep what came before
@@ -257,7 +260,8 @@ def run(
         else:
             entry.apply(model, stage.config, context)
             state.save_model(index, model, context)
-        record = StageRecord(stage.name, time.perf_counter() - stage_start, peak_rss_bytes(), context.metrics)
+        seconds = time.perf_counter() - stage_start + prepared.get(index, 0.0)
+        record = StageRecord(stage.name, seconds, peak_rss_bytes(), context.metrics)
         report.stages.append(record)
         state.finish_stage(asdict(record))
 

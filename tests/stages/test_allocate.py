@@ -212,3 +212,18 @@ def test_inspect_shows_the_choices(model_dirs, tmp_path, capsys, one_thread):
     chosen = {name: layer["settings"]["bits"] for name, layer in result.report.layers.items()}
     assert len(set(chosen.values())) >= 2
     assert all(f"bits={bits}," in shown[name] for name, bits in chosen.items())
+
+
+def test_the_measurement_before_the_first_stage_counts_in_its_time(model_dirs, tmp_path, monkeypatch, one_thread):
+    import time
+
+    measured = allocate.fisher_diagonals
+
+    def slow(*args):
+        time.sleep(1.5)
+        return measured(*args)
+
+    monkeypatch.setattr(allocate, "fisher_diagonals", slow)
+    result = pipeline.run(tiny_recipe(model_dirs["llama"], tmp_path / "out", [ALLOCATE],
+                                      budget={"bits_per_weight": 4.5}), evaluate=False)  # fmt: skip
+    assert result.report.stages[0].seconds > 1.5
