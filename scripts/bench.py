@@ -222,6 +222,7 @@ def main() -> None:
     if args.only and len(methods) != len(args.only.split(",")):
         sys.exit(f"unknown method in --only; known: {', '.join(m.name for m in METHODS)}")
 
+    measured_by = commit()  # the code the rows start from (the code must not change while they run)
     CACHE.mkdir(parents=True, exist_ok=True)
     base = prepare_base_model()
     texts = prepare_windows(base, args.windows, args.calibration_samples)
@@ -251,7 +252,6 @@ def main() -> None:
             print(f"compressed {method.name} w{bits}: {row.status}", flush=True)
 
     evaluate_all(base, rows, texts, args.group_size)
-    measured_by = commit()
     for row in rows:
         row.commit = measured_by
     settings = {"model": BASE_MODEL, "group_size": args.group_size, "windows_per_text": args.windows, "seq_len": 512,
