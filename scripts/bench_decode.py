@@ -38,6 +38,12 @@ CHECKPOINTS = {
                    "codebook 6/7/8-bit codes of 2 weights, kept columns"),
 }  # fmt: skip
 PROMPT = "The history of the printing press begins"
+LLAMA_MEASURED = (
+    "llama.cpp rows: llama-cpp-python built in this environment (`make bench-deps`), the same threads, the same "
+    "prompt and 128 greedy tokens one `eval` call each, the same 512 random tokens in one `eval`; their checkpoint "
+    "size is the GGUF file (its embeddings and head in the type's own layout)."
+)
+LLAMA_MISSING = "llama.cpp was not measured: llama-cpp-python is not installed (`make bench-deps` builds it)."
 
 
 def build(name: str) -> Path:
@@ -86,6 +92,85 @@ def measure(source: str, dtype: str, new_tokens: int) -> dict:
         "resident_bytes": resident,
         "threads": torch.get_num_threads(),
         "text": tokenizer.decode(ids[0, prompt.shape[1] :], skip_special_tokens=True)[:120],
+    }
+
+
+def embedded_gguf() -> Path:
+    """The shipped GGUF of the embedded model (Q4_1): the file the dense original is dequantized from."""
+    from compress.models import embedded_path
+
+    return embedded_path(MODEL)
+
+
+def llama_cpp_models() -> list[tuple[str, Path, str]]:
+    """llama.cpp on the same model, as a CPU runtime a user would pick instead: the shipped Q4_1 GGUF, and Q3_K_S
+    and Q2_K made from it by llama.cpp's own quantizer (requantized from Q4_1: there is no float GGUF of the model
+    here; speed depends on the type, not on the values). [] where llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return []
+    shipped = embedded_gguf()
+    models = [("llama.cpp Q4_1", shipped, "GGUF Q4_1 (shipped), llama-cpp-python " + llama_cpp.__version__)]
+    for kind, code in (("Q3_K_S", 11), ("Q2_K", 10)):
+        target = CACHE / f"smollm2-135m-{kind}.gguf"
+        if not target.is_file():
+            CACHE.mkdir(parents=True, exist_ok=True)
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = code
+            params.allow_requantize = True
+            params.nthread = 2
+            if llama_cpp.llama_model_quantize(str(shipped).encode(), str(target).encode(), params) != 0:
+                raise RuntimeError(f"llama.cpp could not quantize {shipped} to {kind}")
+        version = llama_cpp.__version__
+        models.append((f"llama.cpp {kind}", target, f"GGUF {kind} (from Q4_1), llama-cpp-python {version}"))
+    return models
+
+
+def measure_llama_cpp(path: str, new_tokens: int) -> dict:
+    """In this process: llama.cpp's decode (greedy, batch 1, one token per call) and 512-token prefill of `path`."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    from compress.memory import resident_bytes
+
+    threads = torch.get_num_threads()
+    baseline = resident_bytes()
+    start = time.perf_counter()
+    model = Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    load_seconds = time.perf_counter() - start
+    resident = resident_bytes()
+    prompt, vocab = model.tokenize(PROMPT.encode(), add_bos=False), model.n_vocab()
+
+    def decode(count: int) -> tuple[float, list[int]]:
+        model.reset()
+        model.eval(prompt)
+        out: list[int] = []
+        begin = time.perf_counter()
+        for _ in range(count):  # the last token's logits, as llama.cpp left them
+            token = int(np.argmax(np.ctypeslib.as_array(model._ctx.get_logits(), shape=(vocab,))))
+            out.append(token)
+            model.eval([token])
+        return count / (time.perf_counter() - begin), out
+
+    decode(2)
+    speed, out = decode(new_tokens)
+    ids = torch.randint(0, model.n_vocab(), (512,), generator=torch.Generator().manual_seed(0)).tolist()
+    best = float("inf")
+    for _ in range(2):
+        model.reset()
+        begin = time.perf_counter()
+        model.eval(ids)
+        best = min(best, time.perf_counter() - begin)
+    return {
+        "decode_tokens_per_second": speed,
+        "prefill_tokens_per_second": 512 / best,
+        "load_seconds": load_seconds,
+        "baseline_rss_bytes": baseline,
+        "resident_bytes": resident,
+        "threads": threads,
+        "text": model.detokenize(out).decode(errors="replace")[:120],
     }
 
 
@@ -152,7 +237,9 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated checkpoint names (default: all)")
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.dtype, args.new_tokens)))
+        found = (measure_llama_cpp(args.measure, args.new_tokens) if args.dtype == "gguf"
+                 else measure(args.measure, args.dtype, args.new_tokens))  # fmt: skip
+        print(json.dumps(found))
         return 0
     results_file = OUT / "results.json"
     if not args.table_only:
@@ -165,6 +252,8 @@ def main() -> int:
         models += [(name, str(directory), "float32", CHECKPOINTS[name][2],
                     sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()))
                    for name, directory in checkpoints.items()]  # fmt: skip
+        peers = llama_cpp_models() if not args.only else []
+        models += [(name, str(path), "gguf", fmt, path.stat().st_size) for name, path, fmt in peers]
         # The machine's speed drifts by tens of percent between minutes: every model is measured in `--rounds`
         # rounds, in alternating order, and keeps its best decode and prefill.
         best: dict[str, dict] = {}
@@ -186,7 +275,7 @@ def main() -> int:
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
             "new_tokens": args.new_tokens,
-            "llama_cpp": "llama.cpp (llama-cpp-python) was not measured: its native build did not fit this run.",
+            "llama_cpp": LLAMA_MEASURED if peers else LLAMA_MISSING,
             "rows": rows,
         }
         OUT.mkdir(parents=True, exist_ok=True)

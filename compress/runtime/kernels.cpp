@@ -299,8 +299,42 @@ bool grid_gemv(const at::Tensor& x, const at::Tensor& y, const uint8_t* codes, i
 }
 #endif
 
+#if defined(__AVX512F__)
+// Decode (a few tokens) for 8-bit grids with integer levels (`uniform`): one code per byte, in order, so 16 codes
+// are widened, made q - z and converted at a time and multiplied with every token's input; no row is written out.
+template <int Tokens>
+void grid8_gemv(const at::Tensor& x, const at::Tensor& y, const uint8_t* codes, int64_t row_bytes, const uint8_t* zs,
+                const float* fs, int64_t groups, int64_t group_size) {
+  const int64_t in_features = x.size(1), out_features = y.size(1);
+  const float* xs = x.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* packed = codes + r * row_bytes;
+      _mm_prefetch(reinterpret_cast<const char*>(packed + 2 * row_bytes), _MM_HINT_T0);
+      __m512 acc[Tokens];
+      for (int t = 0; t < Tokens; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        const __m512i zero = _mm512_set1_epi32(zs[r * groups + g]);
+        __m512 part[Tokens];
+        for (int t = 0; t < Tokens; ++t) part[t] = _mm512_setzero_ps();
+        for (int64_t i = g * group_size; i < (g + 1) * group_size; i += 16) {
+          const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i)));
+          const __m512 value = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, zero));
+          for (int t = 0; t < Tokens; ++t)
+            part[t] = _mm512_fmadd_ps(value, _mm512_loadu_ps(xs + t * in_features + i), part[t]);
+        }
+        const __m512 factor = _mm512_set1_ps(fs[r * groups + g]);
+        for (int t = 0; t < Tokens; ++t) acc[t] = _mm512_fmadd_ps(part[t], factor, acc[t]);
+      }
+      for (int t = 0; t < Tokens; ++t) ys[t * out_features + r] = _mm512_reduce_add_ps(acc[t]);
+    }
+  });
+}
+#endif
+
 // Grid formats (`uniform`, `power`): w = factor[r, g] * table[tr, q - z[r, g] + qmax], where tr is 0 or r.
-at::Tensor grid_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& zeros,
+at::Tensor grid_linear_2d(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& zeros,
                        const at::Tensor& factors, const at::Tensor& table, int64_t bits, int64_t group_size) {
   TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8");
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous(), "qweight must be contiguous uint8");
@@ -323,8 +357,24 @@ at::Tensor grid_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const int64_t table_stride = table.size(0) == 1 ? 0 : table.size(1);
   const int64_t table_width = table.size(1);
   const bool aligned = group_size % 16 == 0;
+  // `uniform`'s levels are the integers q - z themselves: 8-bit rows are then decoded without a table lookup
+  bool integer_levels = table_stride == 0;
+  for (int64_t k = 0; integer_levels && k <= 2 * qmax; ++k) integer_levels = ts[k] == static_cast<float>(k - qmax);
   return with_bits(bits, [&](auto width) {
     constexpr int Bits = decltype(width)::value;
+#if defined(__AVX512F__)
+    if constexpr (Bits == 8) {
+      if (integer_levels && aligned && x.size(0) >= 1 && x.size(0) <= kDecodeTokens) {
+        TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be [tokens, ", in_features, "]");
+        TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
+        at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+        with_tokens(x.size(0), [&](auto count) {
+          grid8_gemv<decltype(count)::value>(x, y, codes, row_bytes, zs, fs, groups, group_size);
+        });
+        return y;
+      }
+    }
+#endif
 #if defined(__AVX512F__) && defined(__AVX512VBMI__)
     if constexpr (Bits <= 4) {
       TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be [tokens, ", in_features, "]");
@@ -356,6 +406,24 @@ at::Tensor grid_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
               const __m512i words = _mm512_inserti32x8(_mm512_set1_epi32(first), _mm256_set1_epi32(second), 1);
               const __m512i index = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(words, shifts), mask), offset);
               _mm512_storeu_ps(row + i, _mm512_mul_ps(_mm512_permutex2var_ps(low, index, high), factor));
+            }
+          }
+          return;
+        }
+      }
+      if constexpr (Bits == 8) {
+        if (aligned) {  // one code per byte, in order: 16 codes widened at a time
+          for (int64_t g = 0; g < groups; ++g) {
+            const int zero = zs[r * groups + g];
+            const __m512i offset = _mm512_set1_epi32(static_cast<int>(qmax) - zero);
+            const __m512i negative_zero = _mm512_set1_epi32(-zero);
+            const __m512 factor = _mm512_set1_ps(fs[r * groups + g]);
+            for (int64_t i = g * group_size; i < (g + 1) * group_size; i += 16) {
+              const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i)));
+              const __m512 value = integer_levels
+                                       ? _mm512_cvtepi32_ps(_mm512_add_epi32(q, negative_zero))
+                                       : _mm512_i32gather_ps(_mm512_add_epi32(q, offset), levels, 4);
+              _mm512_storeu_ps(row + i, _mm512_mul_ps(value, factor));
             }
           }
           return;
@@ -541,7 +609,7 @@ at::Tensor codebook_rows(const at::Tensor& x, const at::Tensor& codes, const at:
 
 // The whole layer: rows in stored order from the codes (with kept columns left out of the input), the kept columns'
 // float16 weights added, then each stored row written to its original row.
-at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+at::Tensor codebook_linear_2d(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
                            const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& permutation,
                            const c10::optional<at::Tensor>& column_indices,
                            const c10::optional<at::Tensor>& column_weights, int64_t code_bits, int64_t rows_per_group) {
@@ -555,7 +623,7 @@ at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& codes, const a
 }
 
 // A float16 weight (the output head kept as stored): rows widened to float32 as they are read.
-at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
+at::Tensor half_linear_2d(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.scalar_type() == at::kHalf && weight.is_contiguous() && weight.dim() == 2,
               "weight must be contiguous float16 [out, in]");
   const int64_t out_features = weight.size(0);
@@ -574,14 +642,49 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
   });
 }
 
+// The operators as layers call them: `x [..., in]` float32, `y [..., out]`, the bias added here (one call per
+// layer and token: each Python-side reshape or add costs as much as a small layer's product).
+template <typename Linear>
+at::Tensor any_shape(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const Linear& linear) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be float32 [..., in_features]");
+  at::Tensor y = linear(x.reshape({-1, x.size(-1)}).contiguous());
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = y.size(1);
+  return y.view(sizes);
+}
+
+at::Tensor grid_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& zeros,
+                       const at::Tensor& factors, const at::Tensor& table, int64_t bits, int64_t group_size,
+                       const c10::optional<at::Tensor>& bias) {
+  return any_shape(x, bias, [&](const at::Tensor& flat) {
+    return grid_linear_2d(flat, qweight, zeros, factors, table, bits, group_size);
+  });
+}
+
+at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+                           const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& permutation,
+                           const c10::optional<at::Tensor>& column_indices,
+                           const c10::optional<at::Tensor>& column_weights, int64_t code_bits, int64_t rows_per_group,
+                           const c10::optional<at::Tensor>& bias) {
+  return any_shape(x, bias, [&](const at::Tensor& flat) {
+    return codebook_linear_2d(flat, codes, codebooks, scales, permutation, column_indices, column_weights, code_bits,
+                              rows_per_group);
+  });
+}
+
+at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return any_shape(x, bias, [&](const at::Tensor& flat) { return half_linear_2d(flat, weight); });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(compress, m) {
-  m.def("grid_linear(Tensor x, Tensor qweight, Tensor zeros, Tensor factors, Tensor table, int bits, int group_size)"
-        " -> Tensor");
+  m.def("grid_linear(Tensor x, Tensor qweight, Tensor zeros, Tensor factors, Tensor table, int bits, int group_size, "
+        "Tensor? bias) -> Tensor");
   m.def("codebook_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor? scales, Tensor? permutation, "
-        "Tensor? column_indices, Tensor? column_weights, int code_bits, int rows_per_group) -> Tensor");
-  m.def("half_linear(Tensor x, Tensor weight) -> Tensor");
+        "Tensor? column_indices, Tensor? column_weights, int code_bits, int rows_per_group, Tensor? bias) -> Tensor");
+  m.def("half_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(compress, CPU, m) {

@@ -45,23 +45,23 @@ def _load() -> bool:
 
 
 def _register_fakes() -> None:
-    """Shapes for torch.compile and meta tensors: each operator returns `[tokens, out_features]`."""
+    """Shapes for torch.compile and meta tensors: each operator returns `[..., out_features]`."""
 
     @torch.library.register_fake("compress::grid_linear")
-    def _(x, qweight, zeros, factors, table, bits, group_size):
-        return x.new_empty(x.shape[0], qweight.shape[0])
+    def _(x, qweight, zeros, factors, table, bits, group_size, bias):
+        return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
     @torch.library.register_fake("compress::codebook_linear")
-    def _(x, codes, codebooks, scales, permutation, column_indices, column_weights, code_bits, rows_per_group):
-        return x.new_empty(x.shape[0], codes.shape[0])
+    def _(x, codes, codebooks, scales, permutation, column_indices, column_weights, code_bits, rows_per_group, bias):
+        return x.new_empty(*x.shape[:-1], codes.shape[0])
 
     @torch.library.register_fake("compress::half_linear")
-    def _(x, weight):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    def _(x, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def grid_linear_op() -> Callable[..., torch.Tensor]:
-    """`grid_linear(x, qweight, zeros, factors, table, bits, group_size) -> y`: `x [T, in] @ W^T` with
+    """`grid_linear(x, qweight, zeros, factors, table, bits, group_size, bias) -> y`: `x [..., in] @ W^T + bias` with
     `W[r, i] = factors[r, g] * table[r or 0, q[r, i] - zeros[r, g] + 2**bits - 1]`, `g` the group of input `i`;
     `qweight` packed codes (uint8 `[out, packed]`), `zeros` uint8 `[out * groups]`, `factors` float32
     `[out, groups]`, `table` float32 `[1 or out, at least 2**(bits + 1) - 1]` (the fastest path wants at least 32
@@ -71,36 +71,43 @@ def grid_linear_op() -> Callable[..., torch.Tensor]:
 
 def codebook_linear_op() -> Callable[..., torch.Tensor]:
     """`codebook_linear(x, codes, codebooks, scales, permutation, column_indices, column_weights, code_bits,
-    rows_per_group) -> y`: `x [T, in] @ W^T` for a `codebook` layer. Stored row `i` (of `codes`, packed uint8
-    `[out, packed]`) is the entries `codebooks[i // rows_per_group, codes[i, v]]` (float32 `[G, K, d]`) of its
-    vectors `v`, times `scales[i]` if given, with the input features `column_indices` (int64 `[k]`) taken from
-    `column_weights` (float32 `[out, k]`) instead; it is original row `permutation[i]` (int64 `[out]`) if given."""
+    rows_per_group, bias) -> y`: `x [..., in] @ W^T + bias` for a `codebook` layer. Stored row `i` (of `codes`,
+    packed uint8 `[out, packed]`) is the entries `codebooks[i // rows_per_group, codes[i, v]]` (float32
+    `[G, K, d]`) of its vectors `v`, times `scales[i]` if given, with the input features `column_indices` (int64
+    `[k]`) taken from `column_weights` (float32 `[out, k]`) instead; it is original row `permutation[i]` (int64
+    `[out]`) if given."""
     return torch.ops.compress.codebook_linear.default if enabled() else codebook_linear_reference
 
 
 def half_linear_op() -> Callable[..., torch.Tensor]:
-    """`half_linear(x, weight) -> y`: `x [T, in] @ weight^T` for a float16 `weight [out, in]`, in float32."""
+    """`half_linear(x, weight, bias) -> y`: `x [..., in] @ weight^T + bias` for a float16 `weight [out, in]`, in
+    float32. Every operator takes float32 `x` of any leading shape and an optional float32 `bias` (or None)."""
     return torch.ops.compress.half_linear.default if enabled() else half_linear_reference
 
 
-def half_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x @ weight.float().t()
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x @ weight.t()
+    return y if bias is None else y + bias
 
 
-def grid_linear_reference(x, qweight, zeros, factors, table, bits: int, group_size: int) -> torch.Tensor:
-    out_features, in_features = qweight.shape[0], x.shape[1]
+def half_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _linear(x, weight.float(), bias)
+
+
+def grid_linear_reference(x, qweight, zeros, factors, table, bits: int, group_size: int, bias) -> torch.Tensor:
+    out_features, in_features = qweight.shape[0], x.shape[-1]
     qmax = (1 << bits) - 1
     codes = unpack_bits(qweight, bits, in_features).to(torch.int64)
     index = grouped(codes, group_size) - zeros.to(torch.int64).view(out_features, -1, 1) + qmax
     levels = torch.gather(table.expand(out_features, -1), 1, index.reshape(out_features, in_features))
     weight = grouped(levels, group_size) * factors.view(out_features, -1, 1)
-    return x @ weight.reshape(out_features, in_features).t()
+    return _linear(x, weight.reshape(out_features, in_features), bias)
 
 
 def codebook_linear_reference(
-    x, codes, codebooks, scales, permutation, column_indices, column_weights, code_bits: int, rows_per_group: int
+    x, codes, codebooks, scales, permutation, column_indices, column_weights, code_bits: int, rows_per_group: int, bias
 ) -> torch.Tensor:
-    out_features, in_features = codes.shape[0], x.shape[1]
+    out_features, in_features = codes.shape[0], x.shape[-1]
     dim = codebooks.shape[2]
     unpacked = unpack_bits(codes, code_bits, in_features // dim).to(torch.int64)
     groups = torch.arange(out_features, device=codes.device) // rows_per_group
@@ -111,4 +118,4 @@ def codebook_linear_reference(
         weight = weight.index_copy(1, column_indices, column_weights)
     if permutation is not None:
         weight = torch.empty_like(weight).index_copy_(0, permutation, weight)
-    return x @ weight.t()
+    return _linear(x, weight, bias)

@@ -25,30 +25,51 @@ from compress.runtime import kernels
 log = logging.getLogger(__name__)
 
 
-def _versions(*tensors: torch.Tensor | None) -> tuple:
-    """What changes when a tensor is written in place (`_version`) or replaced (`data_ptr`)."""
-    return tuple(0 if t is None else (t.data_ptr(), t._version) for t in tensors)
+class Kernel:
+    """What a format's kernel shares: the tables it derives from some of the layer's tensors (`watched`), derived
+    again when one of them is replaced or written in place (its `_version`), and the call that reshapes the input
+    to `[tokens, in]` float32 and the output back. Kept lean: it runs for every layer at every decoded token."""
+
+    watched: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, torch.Tensor | None, int, int]] | None = None
+
+    def refresh(self, module: QuantizedLinear) -> None:
+        raise NotImplementedError
+
+    def run(self, module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def current(self, module: QuantizedLinear) -> bool:
+        if self.seen is None:
+            return False
+        parameters, buffers = module._parameters, module._buffers
+        for name, tensor, version, pointer in self.seen:
+            now = parameters[name] if name in parameters else buffers.get(name)
+            if now is not tensor or (now is not None and (now._version != version or now.data_ptr() != pointer)):
+                return False
+        return True
+
+    def __call__(self, module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        if not self.current(module):
+            self.refresh(module)
+            tensors = [(name, getattr(module, name, None)) for name in self.watched]
+            self.seen = [(n, t, 0 if t is None else t._version, 0 if t is None else t.data_ptr()) for n, t in tensors]
+        if x.dtype == torch.float32:
+            return self.run(module, x)
+        return self.run(module, x.float()).to(x.dtype)
 
 
-def _finish(module: QuantizedLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if module.bias is not None:
-        y = y + module.bias
-    y = y.view(*x.shape[:-1], module.out_features)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
-
-
-def _flat(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-    flat = x.reshape(-1, module.in_features)
-    return flat if flat.dtype == torch.float32 and flat.is_contiguous() else flat.float().contiguous()
-
-
-class GridKernel:
+class GridKernel(Kernel):
     """`uniform` and `power`: `w = factor[r, g] * level[q - z]`. For `uniform` the levels are the integers and the
     factor the scale; for `power`, `(q - z) s` decoded is `sign(s) |s|^(1/a) * sign(q - z) |q - z|^(1/a)`, so the
     levels depend on the exponent alone (one table per layer, or per row for per-channel exponents)."""
 
+    watched = ("scales", "qzeros", "exponents")
+
     def __init__(self) -> None:
-        self.key: tuple | None = None
+        super().__init__()
         self.op = kernels.grid_linear_op()
 
     def refresh(self, module: GroupedGridLinear) -> None:
@@ -65,26 +86,21 @@ class GridKernel:
             self.factors = scales.contiguous()
         # at least 32 columns: the kernel reads the levels of grids up to 4 bits as two registers of 16
         self.table = F.pad(table, (0, max(0, 32 - table.shape[1]))).contiguous()
-        self.key = self.sources(module)
+        self.bits, self.group_size = module.bits, module.group_size
 
-    @staticmethod
-    def sources(module: GroupedGridLinear) -> tuple:
-        return _versions(module.scales, module.qzeros, getattr(module, "exponents", None))
-
-    def __call__(self, module: GroupedGridLinear, x: torch.Tensor) -> torch.Tensor:
-        if self.key != self.sources(module):
-            self.refresh(module)
-        y = self.op(_flat(module, x), module.qweight, self.zeros, self.factors, self.table, module.bits,
-                    module.group_size)  # fmt: skip
-        return _finish(module, x, y)
+    def run(self, module: GroupedGridLinear, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, module._buffers["qweight"], self.zeros, self.factors, self.table, self.bits, self.group_size,
+                       module._parameters["bias"])  # fmt: skip
 
 
-class CodebookKernel:
+class CodebookKernel(Kernel):
     """`codebook`: rows decoded from their group's codebook in stored order and written to their original rows;
     kept columns are left out of the coded product and added from their float16 weights (all inside the op)."""
 
+    watched = ("codebooks", "scales", "permutation", "column_indices", "column_weights")
+
     def __init__(self) -> None:
-        self.key: tuple | None = None
+        super().__init__()
         self.op = kernels.codebook_linear_op()
 
     def refresh(self, module: CodebookLinear) -> None:
@@ -93,19 +109,12 @@ class CodebookKernel:
         self.permutation = None if module.permutation is None else module.permutation.to(torch.int64)
         self.columns = None if module.column_indices is None else module.column_indices.to(torch.int64)
         self.column_weights = None if module.column_weights is None else module.column_weights.detach().float()
-        self.key = self.sources(module)
+        self.code_bits, self.rows_per_group = module.code_bits, module.rows_per_group
 
-    @staticmethod
-    def sources(module: CodebookLinear) -> tuple:
-        return _versions(module.codebooks, module.scales, module.permutation, module.column_indices,
-                         module.column_weights)  # fmt: skip
-
-    def __call__(self, module: CodebookLinear, x: torch.Tensor) -> torch.Tensor:
-        if self.key != self.sources(module):
-            self.refresh(module)
-        y = self.op(_flat(module, x), module.codes, self.codebooks, self.scales, self.permutation, self.columns,
-                    self.column_weights, module.code_bits, module.rows_per_group)  # fmt: skip
-        return _finish(module, x, y)
+    def run(self, module: CodebookLinear, x: torch.Tensor) -> torch.Tensor:
+        bias = module._parameters["bias"]
+        return self.op(x, module._buffers["codes"], self.codebooks, self.scales, self.permutation, self.columns,
+                       self.column_weights, self.code_bits, self.rows_per_group, bias)  # fmt: skip
 
 
 class HalfLinear(nn.Module):
@@ -123,10 +132,10 @@ class HalfLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.weight.device.type != "cpu":
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        y = self.op(x.reshape(-1, self.in_features).float().contiguous(), self.weight)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        bias = None if self.bias is None else self.bias.float()
+        if x.dtype == torch.float32:
+            return self.op(x, self.weight, bias)
+        return self.op(x.float(), self.weight, bias).to(x.dtype)
 
 
 KERNELS = {GroupedGridLinear: GridKernel, CodebookLinear: CodebookKernel}
