@@ -471,6 +471,64 @@ void build_tables(const float* xs, int64_t tokens, int64_t in_features, int64_t 
     }
 }
 
+// The codes of vectors 8c .. 8c + 7 of two rows (one packed word each) as 16 indices: lanes 0-7 the first row's,
+// lanes 8-15 the second's. A multishift takes code i of each word into byte i, whatever the width.
+template <int Bits>
+inline __m512i word_pair_codes(const uint8_t* first, const uint8_t* second) {
+  const __m128i words = _mm_set_epi64x(static_cast<int64_t>(load_le<Bits>(second)),
+                                       static_cast<int64_t>(load_le<Bits>(first)));
+  const __m128i fields = _mm_set1_epi64x(static_cast<int64_t>(
+      (uint64_t{7 * Bits} << 56) | (uint64_t{6 * Bits} << 48) | (uint64_t{5 * Bits} << 40) |
+      (uint64_t{4 * Bits} << 32) | (uint64_t{3 * Bits} << 24) | (uint64_t{2 * Bits} << 16) | (uint64_t{Bits} << 8)));
+  const __m128i codes = _mm_and_si128(_mm_multishift_epi64_epi8(fields, words), _mm_set1_epi8((1 << Bits) - 1));
+  return _mm512_cvtepu8_epi32(codes);
+}
+
+// Rows `begin .. end` of one group for a few tokens. The tables of the group (`tables[t][v][e]`, built once) are
+// read eight vectors at a time, so the slice being read (8 entries' rows of 2**Bits floats per token) stays in L1
+// while every row pair of the range takes its gather from it; each pair's partial sums wait in `partial`.
+template <int Bits, int Tokens>
+void codebook_lut_group(int64_t begin, int64_t end, const uint8_t* packed, int64_t row_bytes, int64_t vectors,
+                        const float* tables, const float* ss, float* ys, int64_t out_features,
+                        std::vector<float>& partial) {
+  constexpr int64_t entries = int64_t{1} << Bits;
+  const int64_t pairs = (end - begin + 1) / 2;
+  partial.assign(static_cast<size_t>(Tokens * pairs * 16), 0.f);
+  alignas(64) int32_t lane_rows[16];
+  for (int l = 0; l < 16; ++l) lane_rows[l] = static_cast<int32_t>((l % 8) * entries);
+  const __m512i lane_offset = _mm512_load_si512(lane_rows);
+  const bool odd = (end - begin) % 2 == 1;
+  for (int64_t c = 0; 8 * c < vectors; ++c) {
+    const int64_t present = std::min<int64_t>(8, vectors - 8 * c);
+    const __mmask16 full = static_cast<__mmask16>(((1u << present) - 1) | (((1u << present) - 1) << 8));
+    for (int64_t p = 0; p < pairs; ++p) {
+      const int64_t r = begin + 2 * p;
+      const bool single = odd && p == pairs - 1;
+      const uint8_t* first = packed + r * row_bytes + c * Bits;
+      const __m512i index = _mm512_add_epi32(word_pair_codes<Bits>(first, single ? first : first + row_bytes),
+                                             lane_offset);
+      const __mmask16 valid = single ? static_cast<__mmask16>(full & 0xFF) : full;
+      for (int t = 0; t < Tokens; ++t) {
+        float* sums = partial.data() + (t * pairs + p) * 16;
+        const float* slice = tables + (t * vectors + 8 * c) * entries;
+        _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_loadu_ps(sums),
+                                             _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, index, slice, 4)));
+      }
+    }
+  }
+  for (int t = 0; t < Tokens; ++t)
+    for (int64_t p = 0; p < pairs; ++p) {
+      const __m512 sums = _mm512_loadu_ps(partial.data() + (t * pairs + p) * 16);
+      const int64_t r = begin + 2 * p;
+      const float low = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(0x00FF, sums));
+      ys[t * out_features + r] = ss == nullptr ? low : low * ss[r];
+      if (r + 1 < end) {
+        const float high = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(0xFF00, sums));
+        ys[t * out_features + r + 1] = ss == nullptr ? high : high * ss[r + 1];
+      }
+    }
+}
+
 template <int Bits, int Tokens>
 void codebook_lut_rows(int64_t begin, int64_t end, const at::Tensor& x, const uint8_t* packed, int64_t row_bytes,
                        const float* transposed, int64_t dim, int64_t rows_per_group, const float* ss, float* ys,
@@ -479,67 +537,21 @@ void codebook_lut_rows(int64_t begin, int64_t end, const at::Tensor& x, const ui
   const int64_t in_features = x.size(1), vectors = in_features / dim;
   const float* xs = x.data_ptr<float>();
   thread_local std::vector<float> tables;  // kept between calls: a fresh table of this size costs page faults
+  thread_local std::vector<float> partial;
   if (tables.size() < static_cast<size_t>(Tokens * vectors * entries)) tables.resize(Tokens * vectors * entries);
-  const int64_t words = (vectors + 7) / 8;
-  int64_t built = -1;
-  const auto [spread_index, keep] = word_spread<Bits, 8>();
-  const __m512i mask = _mm512_set1_epi64((int64_t{1} << Bits) - 1);
-  __m512i phase[4], position[4];  // per pair of phases: each lane's offset in the table, and its vector
-  for (int i = 0; i < 8; i += 2) {
-    alignas(64) int32_t offsets[16], positions[16];
-    for (int w = 0; w < 8; ++w) {
-      positions[w] = 8 * w + i;
-      positions[8 + w] = 8 * w + i + 1;
+  for (int64_t start = begin; start < end;) {
+    const int64_t group = start / rows_per_group;
+    const int64_t stop = std::min(end, (group + 1) * rows_per_group);
+    const float* book = transposed + group * dim * entries;  // [dim][entries]
+    switch (dim) {
+      case 2: build_tables<Bits, 2>(xs, Tokens, in_features, vectors, dim, book, tables.data()); break;
+      case 4: build_tables<Bits, 4>(xs, Tokens, in_features, vectors, dim, book, tables.data()); break;
+      case 8: build_tables<Bits, 8>(xs, Tokens, in_features, vectors, dim, book, tables.data()); break;
+      default: build_tables<Bits, 0>(xs, Tokens, in_features, vectors, dim, book, tables.data());
     }
-    for (int l = 0; l < 16; ++l) offsets[l] = positions[l] * static_cast<int32_t>(entries);
-    phase[i / 2] = _mm512_load_si512(offsets);
-    position[i / 2] = _mm512_load_si512(positions);
-  }
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t group = r / rows_per_group;
-    if (group != built) {
-      const float* book = transposed + group * dim * entries;  // [dim][entries]
-      switch (dim) {
-        case 2: build_tables<Bits, 2>(xs, Tokens, in_features, vectors, dim, book, tables.data()); break;
-        case 4: build_tables<Bits, 4>(xs, Tokens, in_features, vectors, dim, book, tables.data()); break;
-        case 8: build_tables<Bits, 8>(xs, Tokens, in_features, vectors, dim, book, tables.data()); break;
-        default: build_tables<Bits, 0>(xs, Tokens, in_features, vectors, dim, book, tables.data());
-      }
-      built = group;
-    }
-    // 64 codes at a time: a byte permute puts each of 8 packed words in a 64-bit lane; phases i and i + 1 of
-    // every word make 16 indices (codes 8w + i, then 8w + i + 1), offset to their vectors' rows of the table.
-    const uint8_t* row = packed + r * row_bytes;
-    for (int64_t line = 0; line < row_bytes; line += 64)  // the codes of a row a few rows ahead
-      _mm_prefetch(reinterpret_cast<const char*>(row + 4 * row_bytes + line), _MM_HINT_T0);
-    __m512 acc[Tokens][2];
-    for (int t = 0; t < Tokens; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-    for (int64_t c = 0; c * 64 < vectors; ++c) {
-      const int64_t chunk_words = std::min<int64_t>(8, words - 8 * c);
-      const __mmask64 present = chunk_words == 8 ? ~__mmask64{0} >> (64 - 8 * Bits)
-                                                 : ((__mmask64{1} << (chunk_words * Bits)) - 1);
-      const __m512i lanes =
-          _mm512_maskz_permutexvar_epi8(keep, spread_index, _mm512_maskz_loadu_epi8(present, row + 8 * c * Bits));
-      const int64_t remaining = vectors - 64 * c;
-      const __m512i limit = _mm512_set1_epi32(static_cast<int>(remaining));
-#pragma GCC unroll 4
-      for (int i = 0; i < 8; i += 2) {
-        const __m256i low = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srli_epi64(lanes, Bits * i), mask));
-        const __m256i high = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srli_epi64(lanes, Bits * (i + 1)), mask));
-        const __m512i index =
-            _mm512_add_epi32(_mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1), phase[i / 2]);
-        const __mmask16 valid = remaining >= 64 ? __mmask16{0xFFFF} : _mm512_cmplt_epi32_mask(position[i / 2], limit);
-        for (int t = 0; t < Tokens; ++t) {
-          const float* table = tables.data() + (t * vectors + 64 * c) * entries;
-          acc[t][(i / 2) % 2] = _mm512_add_ps(acc[t][(i / 2) % 2],
-                                              _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, index, table, 4));
-        }
-      }
-    }
-    for (int t = 0; t < Tokens; ++t) {
-      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
-      ys[t * out_features + r] = ss == nullptr ? sum : sum * ss[r];
-    }
+    codebook_lut_group<Bits, Tokens>(start, stop, packed, row_bytes, vectors, tables.data(), ss, ys, out_features,
+                                     partial);
+    start = stop;
   }
 }
 #endif
