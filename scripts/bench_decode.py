@@ -41,7 +41,9 @@ PROMPT = "The history of the printing press begins"
 LLAMA_MEASURED = (
     "llama.cpp rows: llama-cpp-python built in this environment (`make bench-deps`), the same threads, the same "
     "prompt and 128 greedy tokens one `eval` call each, the same 512 random tokens in one `eval`; their checkpoint "
-    "size is the GGUF file (its embeddings and head in the type's own layout)."
+    "size is the GGUF file. llama.cpp's k-quants (Q3_K_S, Q2_K) need rows a multiple of 256 wide: most tensors of "
+    "this model (576 wide) fall back to other types (llama.cpp's own warning), so those files are larger than the "
+    "names say."
 )
 LLAMA_MISSING = "llama.cpp was not measured: llama-cpp-python is not installed (`make bench-deps` builds it)."
 
