@@ -448,7 +448,7 @@ inline void gather_vectors(const int32_t* codes, const float* book, int64_t vect
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VBMI__)
-// Decode (a few tokens) for codebooks of at least 16 entries: for each token and group, a table of the dot
+// Decode (a few tokens) for other codebooks of at least 16 entries: for each token and group, a table of the dot
 // products of every input vector with every entry (`tables[t][v][e]`), then each row is the sum over its vectors
 // of the table value its code picks, 16 codes per gather (the LUT-GEMV of AQLM's CPU kernels). A thread builds the
 // tables of the groups its rows fall in, as it reaches them.
@@ -556,6 +556,41 @@ void codebook_lut_rows(int64_t begin, int64_t end, const at::Tensor& x, const ui
 }
 #endif
 
+#if defined(__AVX512F__)
+// Decode (a few tokens) for 8-bit codes of 4-vectors, straight from the codebook: a group's 256 entries (4 KiB)
+// stay in L1, so four codes become 16 weights by four 16-byte loads, multiplied with the input as they are read.
+template <int Tokens>
+void codebook4_gemv(const at::Tensor& x, const uint8_t* packed, int64_t row_bytes, const float* books,
+                    int64_t rows_per_group, const float* ss, float* ys, int64_t out_features) {
+  const int64_t in_features = x.size(1), vectors = in_features / 4;
+  const float* xs = x.data_ptr<float>();
+  at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* codes = packed + r * row_bytes;
+      const float* book = books + (r / rows_per_group) * 256 * 4;
+      _mm_prefetch(reinterpret_cast<const char*>(codes + 2 * row_bytes), _MM_HINT_T0);
+      __m512 acc[Tokens][2];
+      for (int t = 0; t < Tokens; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+      int64_t v = 0;
+      for (; v + 4 <= vectors; v += 4) {
+        __m512 w = _mm512_castps128_ps512(_mm_loadu_ps(book + 4 * codes[v]));
+        w = _mm512_insertf32x4(w, _mm_loadu_ps(book + 4 * codes[v + 1]), 1);
+        w = _mm512_insertf32x4(w, _mm_loadu_ps(book + 4 * codes[v + 2]), 2);
+        w = _mm512_insertf32x4(w, _mm_loadu_ps(book + 4 * codes[v + 3]), 3);
+        for (int t = 0; t < Tokens; ++t)
+          acc[t][(v / 4) % 2] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + t * in_features + 4 * v), acc[t][(v / 4) % 2]);
+      }
+      for (int t = 0; t < Tokens; ++t) {
+        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+        for (int64_t u = v; u < vectors; ++u)
+          for (int k = 0; k < 4; ++k) sum += book[4 * codes[u] + k] * xs[t * in_features + 4 * u + k];
+        ys[t * out_features + r] = ss == nullptr ? sum : sum * ss[r];
+      }
+    }
+  });
+}
+#endif
+
 at::Tensor codebook_rows(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
                          const c10::optional<at::Tensor>& scales, int64_t code_bits, int64_t rows_per_group) {
   TORCH_CHECK(code_bits >= 1 && code_bits <= 8, "code_bits must be in 1..8");
@@ -582,6 +617,19 @@ at::Tensor codebook_rows(const at::Tensor& x, const at::Tensor& codes, const at:
   const int64_t row_bytes = codes.size(1);
   return with_bits(code_bits, [&](auto width) {
     constexpr int Bits = decltype(width)::value;
+#if defined(__AVX512F__)
+    if constexpr (Bits == 8) {
+      if (dim == 4 && x.size(0) >= 1 && x.size(0) <= kDecodeTokens) {
+        TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
+        at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+        with_tokens(x.size(0), [&](auto count) {
+          codebook4_gemv<decltype(count)::value>(x, packed, row_bytes, books, rows_per_group, ss, y.data_ptr<float>(),
+                                                 out_features);
+        });
+        return y;
+      }
+    }
+#endif
 #if defined(__AVX512F__) && defined(__AVX512VBMI__)
     if constexpr (Bits >= 4) {  // a table row of at least 16 entries
       TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
