@@ -30,7 +30,7 @@
 namespace {
 
 constexpr int64_t kDecodeTokens = 8;  // up to this many tokens: row-by-row dot products; beyond: tiles + matmul
-constexpr int64_t kTileBytes = 1 << 21;  // a tile of decoded rows, 2 MiB of float32 (reused, never more)
+constexpr int64_t kTileBytes = 1 << 23;  // a tile of decoded rows, 8 MiB of float32 (reused, never more)
 
 // The little-endian integer in bytes [p, p + Bytes).
 template <int Bytes>
