@@ -357,8 +357,9 @@ at::Tensor grid_linear_2d(const at::Tensor& x, const at::Tensor& qweight, const 
   const int64_t table_stride = table.size(0) == 1 ? 0 : table.size(1);
   const int64_t table_width = table.size(1);
   const bool aligned = group_size % 16 == 0;
-  // `uniform`'s levels are the integers q - z themselves: 8-bit rows are then decoded without a table lookup
-  bool integer_levels = table_stride == 0;
+  // `uniform`'s levels are the integers q - z themselves: 8-bit rows are then decoded without a table lookup (the
+  // check reads the table only for 8-bit grids, the only ones that use it)
+  bool integer_levels = bits == 8 && table_stride == 0;
   for (int64_t k = 0; integer_levels && k <= 2 * qmax; ++k) integer_levels = ts[k] == static_cast<float>(k - qmax);
   return with_bits(bits, [&](auto width) {
     constexpr int Bits = decltype(width)::value;

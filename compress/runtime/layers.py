@@ -25,10 +25,15 @@ from compress.runtime import kernels
 log = logging.getLogger(__name__)
 
 
+def _in_float32(compute, x: torch.Tensor) -> torch.Tensor:
+    """`compute(x)` for the operators, which take float32; other input dtypes go through float32 and back."""
+    return compute(x) if x.dtype == torch.float32 else compute(x.float()).to(x.dtype)
+
+
 class Kernel:
     """What a format's kernel shares: the tables it derives from some of the layer's tensors (`watched`), derived
-    again when one of them is replaced or written in place (its `_version`), and the call that reshapes the input
-    to `[tokens, in]` float32 and the output back. Kept lean: it runs for every layer at every decoded token."""
+    again when one of them is replaced or written in place (`_version`, data pointer); the operator takes the input
+    as it comes (float32, any leading shape) and adds the bias. Kept lean: it runs for every layer at every token."""
 
     watched: tuple[str, ...] = ()
 
@@ -56,9 +61,7 @@ class Kernel:
             self.refresh(module)
             tensors = [(name, getattr(module, name, None)) for name in self.watched]
             self.seen = [(n, t, 0 if t is None else t._version, 0 if t is None else t.data_ptr()) for n, t in tensors]
-        if x.dtype == torch.float32:
-            return self.run(module, x)
-        return self.run(module, x.float()).to(x.dtype)
+        return _in_float32(lambda flat: self.run(module, flat), x)
 
 
 class GridKernel(Kernel):
@@ -133,9 +136,7 @@ class HalfLinear(nn.Module):
         if torch.is_grad_enabled() or self.weight.device.type != "cpu":
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         bias = None if self.bias is None else self.bias.float()
-        if x.dtype == torch.float32:
-            return self.op(x, self.weight, bias)
-        return self.op(x.float(), self.weight, bias).to(x.dtype)
+        return _in_float32(lambda flat: self.op(flat, self.weight, bias), x)
 
 
 KERNELS = {GroupedGridLinear: GridKernel, CodebookLinear: CodebookKernel}
