@@ -448,6 +448,26 @@ inline void gather_vectors(const int32_t* codes, const float* book, int64_t vect
   for (int64_t v = 0; v < vectors; ++v) std::memcpy(row + v * d, book + codes[v] * d, sizeof(float) * d);
 }
 
+// Where a decode kernel puts stored row r's coded sum for token t: times the row's scale, plus the kept columns'
+// products (`kept` inputs per token gathered beforehand, `weights` their float32 weights per stored row), written to
+// the row's original place. Applied as each row is finished, so decode needs no other pass over the output.
+struct RowOut {
+  const float* scales = nullptr;     // [out] or null
+  const int64_t* rows = nullptr;     // permutation: stored row -> original row, or null
+  const float* kept_x = nullptr;     // [tokens, kept]
+  const float* weights = nullptr;    // [out, kept]
+  int64_t kept = 0;
+  float* ys = nullptr;               // [tokens, out]
+  int64_t out_features = 0;
+
+  inline void put(int64_t t, int64_t r, float sum) const {
+    float value = scales == nullptr ? sum : sum * scales[r];
+    const float* w = weights + r * kept;  // a few columns: a plain loop (dot's vector set-up costs more)
+    for (int64_t j = 0; j < kept; ++j) value += w[j] * kept_x[t * kept + j];
+    ys[t * out_features + (rows == nullptr ? r : rows[r])] = value;
+  }
+};
+
 #if defined(__AVX512F__) && defined(__AVX512VBMI__)
 // Decode (a few tokens) for other codebooks of at least 16 entries: for each token and group, a table of the dot
 // products of every input vector with every entry (`tables[t][v][e]`), then each row is the sum over its vectors
@@ -490,8 +510,7 @@ inline __m512i word_pair_codes(const uint8_t* first, const uint8_t* second) {
 // while every row pair of the range takes its gather from it; each pair's partial sums wait in `partial`.
 template <int Bits, int Tokens>
 void codebook_lut_group(int64_t begin, int64_t end, const uint8_t* packed, int64_t row_bytes, int64_t vectors,
-                        const float* tables, const float* ss, float* ys, int64_t out_features,
-                        std::vector<float>& partial) {
+                        const float* tables, const RowOut& out, std::vector<float>& partial) {
   constexpr int64_t entries = int64_t{1} << Bits;
   const int64_t pairs = (end - begin + 1) / 2;
   partial.assign(static_cast<size_t>(Tokens * pairs * 16), 0.f);
@@ -521,22 +540,17 @@ void codebook_lut_group(int64_t begin, int64_t end, const uint8_t* packed, int64
     for (int64_t p = 0; p < pairs; ++p) {
       const __m512 sums = _mm512_loadu_ps(partial.data() + (t * pairs + p) * 16);
       const int64_t r = begin + 2 * p;
-      const float low = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(0x00FF, sums));
-      ys[t * out_features + r] = ss == nullptr ? low : low * ss[r];
-      if (r + 1 < end) {
-        const float high = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(0xFF00, sums));
-        ys[t * out_features + r + 1] = ss == nullptr ? high : high * ss[r + 1];
-      }
+      out.put(t, r, _mm512_reduce_add_ps(_mm512_maskz_mov_ps(0x00FF, sums)));
+      if (r + 1 < end) out.put(t, r + 1, _mm512_reduce_add_ps(_mm512_maskz_mov_ps(0xFF00, sums)));
     }
 }
 
 template <int Bits, int Tokens>
-void codebook_lut_rows(int64_t begin, int64_t end, const at::Tensor& x, const uint8_t* packed, int64_t row_bytes,
-                       const float* transposed, int64_t dim, int64_t rows_per_group, const float* ss, float* ys,
-                       int64_t out_features) {
+void codebook_lut_rows(int64_t begin, int64_t end, const float* xs, int64_t in_features, const uint8_t* packed,
+                       int64_t row_bytes, const float* transposed, int64_t dim, int64_t rows_per_group,
+                       const RowOut& out) {
   constexpr int64_t entries = int64_t{1} << Bits;
-  const int64_t in_features = x.size(1), vectors = in_features / dim;
-  const float* xs = x.data_ptr<float>();
+  const int64_t vectors = in_features / dim;
   thread_local std::vector<float> tables;  // kept between calls: a fresh table of this size costs page faults
   thread_local std::vector<float> partial;
   if (tables.size() < static_cast<size_t>(Tokens * vectors * entries)) tables.resize(Tokens * vectors * entries);
@@ -550,8 +564,7 @@ void codebook_lut_rows(int64_t begin, int64_t end, const at::Tensor& x, const ui
       case 8: build_tables<Bits, 8>(xs, Tokens, in_features, vectors, dim, book, tables.data()); break;
       default: build_tables<Bits, 0>(xs, Tokens, in_features, vectors, dim, book, tables.data());
     }
-    codebook_lut_group<Bits, Tokens>(start, stop, packed, row_bytes, vectors, tables.data(), ss, ys, out_features,
-                                     partial);
+    codebook_lut_group<Bits, Tokens>(start, stop, packed, row_bytes, vectors, tables.data(), out, partial);
     start = stop;
   }
 }
@@ -560,96 +573,116 @@ void codebook_lut_rows(int64_t begin, int64_t end, const at::Tensor& x, const ui
 #if defined(__AVX512F__)
 // Decode (a few tokens) for 8-bit codes of 4-vectors, straight from the codebook: a group's 256 entries (4 KiB)
 // stay in L1, so four codes become 16 weights by four 16-byte loads, multiplied with the input as they are read.
+// Eight codes are read as one word; the byte offset of entry c is c * 16, taken from the word by a shift and a
+// mask. Two accumulators per token, held in registers (a loop-carried index into them would put them in memory).
+inline __m512 four_entries(const char* book, uint32_t codes) {
+  __m512 w = _mm512_castps128_ps512(_mm_loadu_ps(reinterpret_cast<const float*>(book + ((codes << 4) & 0xFF0))));
+  w = _mm512_insertf32x4(w, _mm_loadu_ps(reinterpret_cast<const float*>(book + ((codes >> 4) & 0xFF0))), 1);
+  w = _mm512_insertf32x4(w, _mm_loadu_ps(reinterpret_cast<const float*>(book + ((codes >> 12) & 0xFF0))), 2);
+  return _mm512_insertf32x4(w, _mm_loadu_ps(reinterpret_cast<const float*>(book + ((codes >> 20) & 0xFF0))), 3);
+}
+
 template <int Tokens>
-void codebook4_gemv(const at::Tensor& x, const uint8_t* packed, int64_t row_bytes, const float* books,
-                    int64_t rows_per_group, const float* ss, float* ys, int64_t out_features) {
-  const int64_t in_features = x.size(1), vectors = in_features / 4;
-  const float* xs = x.data_ptr<float>();
-  at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+void codebook4_gemv(const float* xs, int64_t in_features, const uint8_t* packed, int64_t row_bytes,
+                    const float* books, int64_t rows_per_group, const RowOut& out) {
+  const int64_t vectors = in_features / 4;
+  at::parallel_for(0, out.out_features, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const uint8_t* codes = packed + r * row_bytes;
       const float* book = books + (r / rows_per_group) * 256 * 4;
+      const char* entries = reinterpret_cast<const char*>(book);
       _mm_prefetch(reinterpret_cast<const char*>(codes + 2 * row_bytes), _MM_HINT_T0);
-      __m512 acc[Tokens][2];
-      for (int t = 0; t < Tokens; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+      __m512 low[Tokens], high[Tokens];
+      for (int t = 0; t < Tokens; ++t) low[t] = high[t] = _mm512_setzero_ps();
       int64_t v = 0;
-      for (; v + 4 <= vectors; v += 4) {
-        __m512 w = _mm512_castps128_ps512(_mm_loadu_ps(book + 4 * codes[v]));
-        w = _mm512_insertf32x4(w, _mm_loadu_ps(book + 4 * codes[v + 1]), 1);
-        w = _mm512_insertf32x4(w, _mm_loadu_ps(book + 4 * codes[v + 2]), 2);
-        w = _mm512_insertf32x4(w, _mm_loadu_ps(book + 4 * codes[v + 3]), 3);
-        for (int t = 0; t < Tokens; ++t)
-          acc[t][(v / 4) % 2] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + t * in_features + 4 * v), acc[t][(v / 4) % 2]);
+      for (; v + 8 <= vectors; v += 8) {
+        const uint64_t word = load_le<8>(codes + v);
+        const __m512 first = four_entries(entries, static_cast<uint32_t>(word));
+        const __m512 second = four_entries(entries, static_cast<uint32_t>(word >> 32));
+        for (int t = 0; t < Tokens; ++t) {
+          const float* input = xs + t * in_features + 4 * v;
+          low[t] = _mm512_fmadd_ps(first, _mm512_loadu_ps(input), low[t]);
+          high[t] = _mm512_fmadd_ps(second, _mm512_loadu_ps(input + 16), high[t]);
+        }
       }
       for (int t = 0; t < Tokens; ++t) {
-        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+        float sum = _mm512_reduce_add_ps(_mm512_add_ps(low[t], high[t]));
         for (int64_t u = v; u < vectors; ++u)
           for (int k = 0; k < 4; ++k) sum += book[4 * codes[u] + k] * xs[t * in_features + 4 * u + k];
-        ys[t * out_features + r] = ss == nullptr ? sum : sum * ss[r];
+        out.put(t, r, sum);
       }
     }
   });
 }
 #endif
 
-at::Tensor codebook_rows(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
-                         const c10::optional<at::Tensor>& scales, int64_t code_bits, int64_t rows_per_group) {
+void check_codebook(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+                    const c10::optional<at::Tensor>& scales, int64_t code_bits, int64_t rows_per_group) {
   TORCH_CHECK(code_bits >= 1 && code_bits <= 8, "code_bits must be in 1..8");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "codes must be contiguous uint8");
   TORCH_CHECK(codebooks.scalar_type() == at::kFloat && codebooks.is_contiguous() && codebooks.dim() == 3,
               "codebooks must be contiguous float32 [groups, entries, dim]");
-  const int64_t out_features = codes.size(0);
-  const int64_t in_features = x.size(1);
-  const int64_t dim = codebooks.size(2);
-  const int64_t entries = codebooks.size(1);
-  TORCH_CHECK(entries == (int64_t{1} << code_bits), "codebooks must have 2**code_bits entries");
+  const int64_t out_features = codes.size(0), in_features = x.size(1), dim = codebooks.size(2);
+  TORCH_CHECK(codebooks.size(1) == (int64_t{1} << code_bits), "codebooks must have 2**code_bits entries");
   TORCH_CHECK(in_features % dim == 0, "vector_dim must divide in_features");
-  const int64_t vectors = in_features / dim;
-  TORCH_CHECK(codes.size(1) == (vectors + 7) / 8 * code_bits, "codes row length does not match in_features");
+  TORCH_CHECK(codes.size(1) == (in_features / dim + 7) / 8 * code_bits, "codes row length does not match in_features");
   TORCH_CHECK(rows_per_group > 0 && codebooks.size(0) * rows_per_group == out_features, "rows_per_group");
-  const float* ss = nullptr;
-  if (scales.has_value()) {
+  if (scales.has_value())
     TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->numel() == out_features,
                 "scales must be float32 [out_features]");
-    ss = scales->data_ptr<float>();
-  }
+}
+
+// Decode (1 to kDecodeTokens tokens) where a kernel above serves the width and vector size: `xs` has the kept
+// columns zeroed, `out` finishes each row. False where none does (the caller takes the row-decoding driver).
+bool codebook_decode(const float* xs, int64_t tokens, int64_t in_features, const at::Tensor& codes,
+                     const at::Tensor& codebooks, int64_t code_bits, int64_t rows_per_group, const RowOut& out) {
+  if (tokens < 1 || tokens > kDecodeTokens) return false;
+  const int64_t dim = codebooks.size(2), row_bytes = codes.size(1);
   const uint8_t* packed = codes.data_ptr<uint8_t>();
-  const float* books = codebooks.data_ptr<float>();
-  const int64_t row_bytes = codes.size(1);
   return with_bits(code_bits, [&](auto width) {
     constexpr int Bits = decltype(width)::value;
 #if defined(__AVX512F__)
     if constexpr (Bits == 8) {
-      if (dim == 4 && x.size(0) >= 1 && x.size(0) <= kDecodeTokens) {
-        TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
-        at::Tensor y = at::empty({x.size(0), out_features}, x.options());
-        with_tokens(x.size(0), [&](auto count) {
-          codebook4_gemv<decltype(count)::value>(x, packed, row_bytes, books, rows_per_group, ss, y.data_ptr<float>(),
-                                                 out_features);
+      if (dim == 4) {
+        with_tokens(tokens, [&](auto count) {
+          codebook4_gemv<decltype(count)::value>(xs, in_features, packed, row_bytes, codebooks.data_ptr<float>(),
+                                                 rows_per_group, out);
         });
-        return y;
+        return true;
       }
     }
 #endif
 #if defined(__AVX512F__) && defined(__AVX512VBMI__)
     if constexpr (Bits >= 4) {  // a table row of at least 16 entries
-      TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
-      if (x.size(0) >= 1 && x.size(0) <= kDecodeTokens) {
-        const at::Tensor transposed = codebooks.transpose(1, 2).contiguous();  // [groups, dim, entries]
-        const float* books_t = transposed.data_ptr<float>();
-        at::Tensor y = at::empty({x.size(0), out_features}, x.options());
-        float* ys = y.data_ptr<float>();
-        with_tokens(x.size(0), [&](auto count) {
-          constexpr int Tokens = decltype(count)::value;
-          at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
-            codebook_lut_rows<Bits, Tokens>(begin, end, x, packed, row_bytes, books_t, dim, rows_per_group, ss, ys,
-                                            out_features);
-          });
+      const at::Tensor transposed = codebooks.transpose(1, 2).contiguous();  // [groups, dim, entries]
+      const float* books_t = transposed.data_ptr<float>();
+      with_tokens(tokens, [&](auto count) {
+        constexpr int Tokens = decltype(count)::value;
+        at::parallel_for(0, out.out_features, 16, [&](int64_t begin, int64_t end) {
+          codebook_lut_rows<Bits, Tokens>(begin, end, xs, in_features, packed, row_bytes, books_t, dim,
+                                          rows_per_group, out);
         });
-        return y;
-      }
+      });
+      return true;
     }
 #endif
+    return false;
+  });
+}
+
+// Many tokens, or widths no decode kernel serves: rows in stored order decoded (times their scales) into the
+// driver, which takes them through dot products or a tiled matmul.
+at::Tensor codebook_rows(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+                         const c10::optional<at::Tensor>& scales, int64_t code_bits, int64_t rows_per_group) {
+  const int64_t out_features = codes.size(0), in_features = x.size(1);
+  const int64_t dim = codebooks.size(2), entries = codebooks.size(1), vectors = in_features / dim;
+  const float* ss = scales.has_value() ? scales->data_ptr<float>() : nullptr;
+  const uint8_t* packed = codes.data_ptr<uint8_t>();
+  const float* books = codebooks.data_ptr<float>();
+  const int64_t row_bytes = codes.size(1);
+  return with_bits(code_bits, [&](auto width) {
+    constexpr int Bits = decltype(width)::value;
     return run_linear(x, out_features, in_features, [=](int64_t r, float* row, int32_t* scratch) {
       unpack_row<Bits>(packed + r * row_bytes, vectors, scratch);
       const float* book = books + (r / rows_per_group) * entries * dim;
@@ -669,13 +702,55 @@ at::Tensor codebook_rows(const at::Tensor& x, const at::Tensor& codes, const at:
 }
 
 // The whole layer: rows in stored order from the codes (with kept columns left out of the input), the kept columns'
-// float16 weights added, then each stored row written to its original row.
+// float16 weights added, then each stored row written to its original row. At decode all of it happens in the
+// kernel's row loop (no other operator runs); otherwise the kept columns and the permutation are ATen operations.
 at::Tensor codebook_linear_2d(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
                            const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& permutation,
                            const c10::optional<at::Tensor>& column_indices,
                            const c10::optional<at::Tensor>& column_weights, int64_t code_bits, int64_t rows_per_group) {
   const bool kept = column_indices.has_value();
   TORCH_CHECK(kept == column_weights.has_value(), "column_indices and column_weights go together");
+  check_codebook(x, codes, codebooks, scales, code_bits, rows_per_group);
+  const int64_t tokens = x.size(0), in_features = x.size(1), out_features = codes.size(0);
+  if (kept)
+    TORCH_CHECK(column_indices->scalar_type() == at::kLong && column_indices->is_contiguous() &&
+                    column_weights->scalar_type() == at::kFloat && column_weights->is_contiguous() &&
+                    column_weights->dim() == 2 && column_weights->size(0) == out_features &&
+                    column_weights->size(1) == column_indices->numel(),
+                "column_indices must be int64 [k] and column_weights float32 [out_features, k]");
+  if (permutation.has_value())
+    TORCH_CHECK(permutation->scalar_type() == at::kLong && permutation->is_contiguous() &&
+                    permutation->numel() == out_features,
+                "permutation must be int64 [out_features]");
+  if (tokens >= 1 && tokens <= kDecodeTokens) {
+    thread_local std::vector<float> zeroed, kept_x;  // the input without its kept columns, and those columns
+    const float* xs = x.data_ptr<float>();
+    RowOut out;
+    if (kept) {
+      const int64_t k = column_indices->numel();
+      const int64_t* columns = column_indices->data_ptr<int64_t>();
+      zeroed.assign(xs, xs + tokens * in_features);
+      kept_x.resize(static_cast<size_t>(tokens * k));
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t j = 0; j < k; ++j) {
+          TORCH_CHECK(columns[j] >= 0 && columns[j] < in_features, "column_indices out of range");
+          kept_x[t * k + j] = xs[t * in_features + columns[j]];
+          zeroed[t * in_features + columns[j]] = 0.f;
+        }
+      xs = zeroed.data();
+      out.kept_x = kept_x.data();
+      out.weights = column_weights->data_ptr<float>();
+      out.kept = k;
+    }
+    at::Tensor y = at::empty({tokens, out_features}, x.options());
+    out.scales = scales.has_value() ? scales->data_ptr<float>() : nullptr;
+    out.rows = permutation.has_value() ? permutation->data_ptr<int64_t>() : nullptr;
+    for (int64_t r = 0; out.rows != nullptr && r < out_features; ++r)
+      TORCH_CHECK(out.rows[r] >= 0 && out.rows[r] < out_features, "permutation out of range");
+    out.ys = y.data_ptr<float>();
+    out.out_features = out_features;
+    if (codebook_decode(xs, tokens, in_features, codes, codebooks, code_bits, rows_per_group, out)) return y;
+  }
   at::Tensor y = codebook_rows(kept ? x.index_fill(1, *column_indices, 0.0) : x, codes, codebooks, scales, code_bits,
                                rows_per_group);
   if (kept) y.addmm_(x.index_select(1, *column_indices), column_weights->t());
