@@ -251,7 +251,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.against:
         original, tokenizer = _load_any(args.against, not args.no_verify)
         windows = _eval_windows(args, tokenizer, textdata)
-        reference = ReferenceCache(len(windows), windows.shape[1] - 1, original.get_output_embeddings().weight.shape[0])
+        reference = ReferenceCache(len(windows), windows.shape[1] - 1, original.get_output_embeddings().out_features)
         language_model_quality(original, windows, args.batch_size, reference, record=True, desc="eval original")
         del original
     model, tokenizer = _load_any(args.model, not args.no_verify)
@@ -259,7 +259,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise CompressError(f"model {args.model!r} is not a causal language model; eval measures perplexity")
     if windows is None:
         windows = _eval_windows(args, tokenizer, textdata)
-    if reference is not None and model.get_output_embeddings().weight.shape[0] != reference.logprobs.shape[-1]:
+    if reference is not None and model.get_output_embeddings().out_features != reference.logprobs.shape[-1]:
         raise CompressError(f"--against {args.against!r} has another vocabulary than {args.model!r}, so no KL "
                             "between them")  # fmt: skip
     quality = language_model_quality(model, windows, args.batch_size, reference)

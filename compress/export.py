@@ -19,6 +19,7 @@ from torch import nn
 
 from compress.errors import CompressError, NumericError
 from compress.formats.base import QuantizedLinear
+from compress.formats.embedding import QuantizedEmbedding, shared_embeddings
 from compress.hf import (
     PLACEHOLDER_VERSION,
     QUANT_METHOD,
@@ -177,6 +178,9 @@ def dense_state_dict(model: nn.Module, config) -> dict[str, torch.Tensor]:
         tensors[f"{name}.weight"] = weight.to(torch.float16).contiguous()
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.detach().to(torch.float16).contiguous()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedEmbedding):  # its rows, as a plain embedding (the config no longer ties it)
+            tensors[f"{name}.weight"] = module.head.dequantize().detach().to(torch.float16).contiguous()
     return tensors
 
 
@@ -212,7 +216,8 @@ def checkpoint_config(model: nn.Module, packed: bool) -> tuple[dict, dict[str, s
     config.architectures = [type(model).__name__]
     structure = structure_record(model)  # a pruned model whose blocks differ in size
     layers = layer_settings(model) if packed else {}
-    version = needed_version(layers, structure)
+    embeddings = shared_embeddings(model) if packed else {}
+    version = needed_version(layers, structure, embeddings)
     saved = config.to_dict()
     saved.pop("quantization_config", None)
     saved["dtype"] = "float16"  # what every floating tensor is stored as (compress.load computes in float32)
@@ -220,7 +225,7 @@ def checkpoint_config(model: nn.Module, packed: bool) -> tuple[dict, dict[str, s
     if layers or structure is not None:  # else a stock checkpoint: nothing compressed, blocks as the config says
         if structure is not None and not packed:
             log.warning("the blocks of the model differ in size: the dense checkpoint records them and needs compress")
-        saved["quantization_config"] = CompressConfig(version, layers, structure).to_dict()
+        saved["quantization_config"] = CompressConfig(version, layers, structure, embeddings).to_dict()
         metadata.update(quant_method=QUANT_METHOD, format_version=str(version))
     return saved, metadata
 

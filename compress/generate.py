@@ -56,7 +56,7 @@ def sample(model: nn.Module, tokenizer, count: int, seq_len: int, spec: Generati
         raise CompressError(f"data.calibration.source: generated needs a model that generates text; "
                             f"{type(model).__name__} does not")  # fmt: skip
     device = next(model.parameters()).device
-    vocab_size = model.get_output_embeddings().weight.shape[0]
+    vocab_size = model.get_output_embeddings().out_features
     starts = first_tokens(tokenizer, vocab_size, count, spec.first_token, torch.Generator().manual_seed(seed))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     new = seq_len - 1

@@ -19,17 +19,22 @@ from compress.registry import FORMATS
 
 QUANT_METHOD = "compress"
 # 2 added `structure` (per-block sizes of a pruned model), 3 kept columns of `codebook` layers, 4 the empty
-# `NAME.weight` placeholder of every compressed layer (stock transformers refuses it instead of loading at random)
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+# `NAME.weight` placeholder of every compressed layer (stock transformers refuses it instead of loading at random),
+# 5 `embeddings`: an input embedding that reads the rows of the compressed head it was tied to
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 PLACEHOLDER_VERSION = 4
+EMBEDDINGS_VERSION = 5
 
 
-def needed_version(layers: dict[str, dict[str, Any]], structure: Any) -> int:
-    """The format version of a checkpoint with these compressed layers and structure: 4 with compressed layers
-    (their placeholders), else 2 for a pruned dense checkpoint whose blocks differ, else 1."""
+def needed_version(layers: dict[str, dict[str, Any]], structure: Any, embeddings: dict[str, str] | None = None) -> int:
+    """The format version of a checkpoint with these compressed layers, structure and shared embeddings: 5 with an
+    embedding read from a compressed head, else 4 with compressed layers (their placeholders), else 2 for a pruned
+    dense checkpoint whose blocks differ, else 1."""
+    if embeddings:
+        return EMBEDDINGS_VERSION
     if layers:
-        return FORMAT_VERSION
+        return PLACEHOLDER_VERSION
     return 2 if structure is not None else 1
 
 
@@ -48,14 +53,16 @@ def placeholder_names(model: nn.Module) -> list[str]:
 
 @register_quantization_config(QUANT_METHOD)
 class CompressConfig(QuantizationConfigMixin):
-    """The `quantization_config` block of config.json: format version, every compressed layer's format, and the
-    per-block sizes of a pruned model whose blocks differ (`structure`, version 2)."""
+    """The `quantization_config` block of config.json: format version, every compressed layer's format, the
+    per-block sizes of a pruned model whose blocks differ (`structure`, version 2), and the embeddings read from a
+    compressed head (`embeddings`, version 5)."""
 
     def __init__(
         self,
         format_version: int = FORMAT_VERSION,
         layers: dict[str, dict[str, Any]] | None = None,
         structure: dict[str, dict[str, int]] | None = None,
+        embeddings: dict[str, str] | None = None,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
@@ -63,6 +70,8 @@ class CompressConfig(QuantizationConfigMixin):
         self.layers = layers or {}
         if structure is not None:
             self.structure = structure
+        if embeddings:
+            self.embeddings = embeddings
 
 
 @register_quantizer(QUANT_METHOD)
@@ -71,8 +80,8 @@ class CompressQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> None:
         config = self.quantization_config
-        structure = getattr(config, "structure", None)
-        install_compressed(model, config.format_version, config.layers, structure, "checkpoint")
+        structure, embeddings = getattr(config, "structure", None), getattr(config, "embeddings", None)
+        install_compressed(model, config.format_version, config.layers, structure, "checkpoint", embeddings)
         # the placeholders (version 4) are for stock transformers only: ours have no dense weight to fill
         ignored = {re.escape(name) + "$" for name in placeholder_names(model)}
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | ignored
@@ -89,7 +98,8 @@ class CompressQuantizer(HfQuantizer):
         """What `save_pretrained` writes: the tensors and header metadata of `compress.export`'s packed format."""
         from compress.export import packed_state_dict
 
-        version = needed_version(self.quantization_config.layers, getattr(self.quantization_config, "structure", None))
+        config = self.quantization_config
+        version = needed_version(config.layers, getattr(config, "structure", None), getattr(config, "embeddings", None))
         self.quantization_config.format_version = version
         return packed_state_dict(model), {"quant_method": QUANT_METHOD, "format_version": str(version)}
 
@@ -102,22 +112,29 @@ def attach_quantizer(model: nn.Module) -> None:
     """Give a model compressed in memory what a loaded checkpoint has: its `quantization_config` and our quantizer,
     so that `save_pretrained` writes the packed format and `from_pretrained` (after `import compress`) reads it."""
     from compress.export import layer_settings
+    from compress.formats.embedding import shared_embeddings
     from compress.prune.structure import structure_record
 
     layers = layer_settings(model)
     if not layers:
         return
-    structure = structure_record(model)
-    config = CompressConfig(needed_version(layers, structure), layers, structure)
+    structure, embeddings = structure_record(model), shared_embeddings(model)
+    config = CompressConfig(needed_version(layers, structure, embeddings), layers, structure, embeddings)
     model.config.quantization_config = config
     model.hf_quantizer = CompressQuantizer(config)
 
 
 def install_compressed(
-    model: nn.Module, format_version: int, layers: dict[str, dict[str, Any]], structure: Any, where: str
+    model: nn.Module,
+    format_version: int,
+    layers: dict[str, dict[str, Any]],
+    structure: Any,
+    where: str,
+    embeddings: Any = None,
 ) -> None:
-    """Resize the blocks to a pruned checkpoint's `structure` (if any), then swap each listed linear for an empty
-    module of its format, so the checkpoint's tensors load into them."""
+    """Resize the blocks to a pruned checkpoint's `structure` (if any), swap each listed linear for an empty module
+    of its format, so the checkpoint's tensors load into them, and each listed embedding for one reading the rows
+    of its compressed head."""
     if format_version not in READABLE_VERSIONS:
         raise CompressError(
             f"{where}: format version {format_version!r} is not supported by this compress (it reads "
@@ -134,7 +151,14 @@ def install_compressed(
         if kept:
             raise CompressError(f"{where}: layer {kept[0]!r} has kept_columns, which needs format version 3, "
                                 f"not {format_version}")  # fmt: skip
+    if embeddings is not None and format_version < EMBEDDINGS_VERSION:
+        raise CompressError(f"{where}: quantization_config.embeddings needs format version {EMBEDDINGS_VERSION}, "
+                            f"not {format_version}")  # fmt: skip
     install_empty_modules(model, layers)
+    if embeddings is not None:
+        from compress.formats.embedding import install_shared_embeddings
+
+        install_shared_embeddings(model, embeddings, where)
 
 
 def install_empty_modules(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
@@ -185,5 +209,7 @@ def install_from_config(model: nn.Module, config, where: str) -> bool:
     if not isinstance(layers, dict):
         raise CompressError(f"{where}: quantization_config.layers must map layer names to their settings")
     with init_empty_weights(include_buffers=True):
-        install_compressed(model, settings.get("format_version"), layers, settings.get("structure"), where)
+        install_compressed(
+            model, settings.get("format_version"), layers, settings.get("structure"), where, settings.get("embeddings")
+        )
     return True

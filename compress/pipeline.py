@@ -401,7 +401,7 @@ def streaming_problems(recipe: Recipe) -> list[str]:
         problems.append(recipe.problem(("stages",), f"streaming runs one stage; the recipe has {len(recipe.stages)}"))
     for index, stage in enumerate(recipe.stages):
         if STAGES[stage.name].block is None:
-            message = f"{stage.name} trains the whole model and cannot stream; rtn, nupes and jlcm can"
+            message = f"{stage.name} works on the whole model and cannot stream; rtn, nupes and jlcm can"
             problems.append(recipe.problem(("stages", index, "stage"), message))
     if recipe.export.format != "packed":
         problems.append(recipe.problem(("export", "format"), "streaming writes the packed format"))
@@ -484,7 +484,7 @@ class _Evaluation:
         self.tokenizer = context.tokenizer
         self.samples: dict[str, str] = {}  # the prompt and each model's greedy continuation
         if self.kind == "causal-lm":
-            vocab = model.get_output_embeddings().weight.shape[0]
+            vocab = model.get_output_embeddings().out_features
             self.reference = ReferenceCache(len(self.windows), self.windows.shape[1] - 1, vocab)
 
     def measure(self, model: nn.Module, original: bool) -> dict[str, Any]:

@@ -165,6 +165,7 @@ class RunState:
         if not self.writer:
             return
         from compress.export import layer_settings
+        from compress.formats.embedding import shared_embeddings
         from compress.prune.structure import block_sizes
 
         path = self._stage(stage_index) / "model.safetensors"
@@ -173,6 +174,7 @@ class RunState:
             "compress.layers": json.dumps(context.layers, sort_keys=True),
             "compress.settings": json.dumps(layer_settings(model), sort_keys=True),
             "compress.sizes": json.dumps(block_sizes(model), sort_keys=True),
+            "compress.embeddings": json.dumps(shared_embeddings(model), sort_keys=True),
         }
         save_model(model, str(temporary), metadata=metadata)
         os.replace(temporary, path)
@@ -189,6 +191,13 @@ class RunState:
             apply_structure(model, sizes, str(path))
             express_in_config(model)
         install_empty_modules(model, json.loads(metadata["compress.settings"]))
+        embeddings = json.loads(metadata.get("compress.embeddings", "{}"))
+        if embeddings:
+            from compress.formats.embedding import install_shared_embeddings
+            from compress.stages.head import untie
+
+            install_shared_embeddings(model, embeddings, str(path))
+            untie(model)
         missing, unexpected = load_model(model, str(path), strict=False)
         if missing or unexpected:
             raise CompressError(f"run state {str(path)!r} does not fit the model: {missing or unexpected}")

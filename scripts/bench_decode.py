@@ -34,6 +34,8 @@ CHECKPOINTS = {
     "nupes W2 g64": ("recipes/nupes-w2.yaml", ["stages.0.mode=data-free"], "power 2-bit, groups of 64"),
     "jlcm 2-bit": ("recipes/jlcm-2bit.yaml", ["stages.0.steps=0", "stages.0.refit_rounds=0"],
                    "codebook 8-bit codes of 4 weights, kept columns"),
+    "jlcm 2-bit, head 8-bit": ("recipes/jlcm-2bit-head8.yaml", ["stages.0.steps=0", "stages.0.refit_rounds=0"],
+                               "as jlcm 2-bit; the output head (tied embedding) uniform 8-bit"),
     "jlcm 3-bit": ("recipes/jlcm-3bit.yaml", ["stages.0.steps=0", "stages.0.refit_rounds=0"],
                    "codebook 6/7/8-bit codes of 2 weights, kept columns"),
 }  # fmt: skip

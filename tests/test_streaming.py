@@ -106,7 +106,7 @@ def test_a_stopped_streamed_run_resumes_to_the_same_files(sharded_llama, tmp_pat
 
 def test_streaming_refuses_what_it_cannot_do(sharded_llama, tmp_path):
     recipe = tiny_recipe(sharded_llama, tmp_path / "out", [STAGES_TRIED["rtn"], {"stage": "pv_tuning", "steps": 1}])
-    with pytest.raises(CompressError, match="pv_tuning trains the whole model and cannot stream"):
+    with pytest.raises(CompressError, match="pv_tuning works on the whole model and cannot stream"):
         pipeline.run(recipe, stream=True)
     assert not (tmp_path / "out").exists()
 

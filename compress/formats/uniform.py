@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from compress.formats.grid import GroupedGridLinear, grouped
+from compress.formats.packing import unpack_bits
 from compress.registry import register_format
 
 
@@ -72,6 +73,17 @@ class UniformLinear(GroupedGridLinear):
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_grid(self.codes(), self.scales, self.zeros(), self.group_size)
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` of the dense weight, float32 `[len(rows), in_features]`, unpacking only their codes (an
+        embedding served from this layer's codes). The zero points are unpacked once per change of `qzeros`."""
+        key = (self.qzeros.data_ptr(), self.qzeros._version)
+        if self.__dict__.get("_zeros_key") != key:
+            count = self.out_features * self.num_groups
+            self.__dict__["_zeros_rows"] = unpack_bits(self.qzeros, self.bits, count).view(self.out_features, -1)
+            self.__dict__["_zeros_key"] = key
+        codes = unpack_bits(self.qweight[rows], self.bits, self.in_features)
+        return dequantize_grid(codes, self.scales[rows], self.__dict__["_zeros_rows"][rows], self.group_size)
 
     def _nearest(
         self,

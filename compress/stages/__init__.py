@@ -2,6 +2,7 @@
 
 from compress.stages import (  # noqa: F401
     allocate,  # noqa: F401  (after the stages it chooses among)
+    head,
     hesso,
     jlcm,
     nupes,

@@ -7,6 +7,8 @@ import torch
 from compress import load, pipeline
 from compress.cli import main
 from compress.formats.base import QuantizedLinear
+from compress.formats.embedding import QuantizedEmbedding
+from compress.formats.uniform import UniformLinear
 from compress.runtime import kernels, release
 from compress.runtime.layers import HalfLinear
 from tests.conftest import tiny_recipe
@@ -15,6 +17,8 @@ STAGES = {
     "uniform": [{"stage": "rtn", "bits": 3, "group_size": 32}],
     "power": [{"stage": "nupes", "mode": "data-free", "bits": 2, "group_size": 32}],
     "codebook": [{"stage": "jlcm", "code_bits": 6, "vector_dim": 2, "rows_per_group": 32, "steps": 0}],
+    # the output head on an 8-bit grid, and the tied embedding reading its rows from the head's codes
+    "uniform, head": [{"stage": "rtn", "bits": 3, "group_size": 32}, {"stage": "head", "bits": 8, "group_size": 32}],
 }
 
 
@@ -46,7 +50,11 @@ def test_loaded_checkpoint_gives_the_reference_logits(checkpoint, monkeypatch):
 def test_the_head_stays_float16_and_generation_runs(checkpoint):
     model = load(checkpoint)
     head = model.get_output_embeddings()
-    assert isinstance(head, HalfLinear) and head.weight.dtype == torch.float16
+    if checkpoint.parent.name.startswith("uniform, head"):  # compressed by the head stage: computed from its codes
+        assert isinstance(head, UniformLinear) and head.bits == 8 and "kernel" in vars(head)
+        assert isinstance(model.get_input_embeddings(), QuantizedEmbedding)
+    else:
+        assert isinstance(head, HalfLinear) and head.weight.dtype == torch.float16
     with torch.no_grad():
         ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert ids.shape == (1, 8)
