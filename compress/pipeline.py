@@ -257,6 +257,8 @@ def run(
         entry = STAGES[stage.name]
         if entry.block is not None:
             run_stage(model, entry, stage.config, context, stage_index=index, state=state)
+            if entry.finish is not None and entry.finish(model, stage.config, context):
+                state.save_model(index, model, context)  # it changed the model outside the blocks too
         else:
             entry.apply(model, stage.config, context)
             state.save_model(index, model, context)
@@ -403,6 +405,8 @@ def streaming_problems(recipe: Recipe) -> list[str]:
         if STAGES[stage.name].block is None:
             message = f"{stage.name} works on the whole model and cannot stream; rtn, nupes and jlcm can"
             problems.append(recipe.problem(("stages", index, "stage"), message))
+        elif STAGES[stage.name].whole_model is not None and STAGES[stage.name].whole_model(stage.config):
+            problems.append(recipe.problem(("stages", index), STAGES[stage.name].whole_model(stage.config)))
     if recipe.export.format != "packed":
         problems.append(recipe.problem(("export", "format"), "streaming writes the packed format"))
     for index, stage in enumerate(recipe.stages):
@@ -454,7 +458,7 @@ def restore_finished_stages(model: nn.Module, recipe: Recipe, state: RunState, c
     """Bring `model` to where the earlier run's finished stages left it: the last whole-model checkpoint, then the
     blocks of every block-local stage after it (the stage under way restores its own finished blocks)."""
     done = state.stages_done
-    whole = [i for i in range(done) if STAGES[recipe.stages[i].name].block is None]
+    whole = [i for i in range(done) if state.has_model(i)]
     first = 0
     if whole:
         state.restore_model(whole[-1], model, context)

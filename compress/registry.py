@@ -26,7 +26,10 @@ class StageEntry:
     `block(block, index, name, inputs, config, context)` compresses the block `name` in place, `inputs` being its
     calibration inputs (`compress.calib.BlockInputs`) when `calibration_batch(config)` gives a batch size, else
     None; it may return figures for the progress bar. Such stages can checkpoint after every block and stream a
-    model larger than memory (`compress.blockwise`)."""
+    model larger than memory (`compress.blockwise`). A block-local stage's `finish(model, config, context)`, when
+    set, runs after its last block on the whole model and returns whether it changed what lies outside the blocks
+    (e.g. `allocate` compressing the output head; the run state then keeps the whole model); `whole_model(config)`
+    says why a configuration needs the whole model (so it cannot stream), or None."""
 
     name: str
     config: type[BaseModel]
@@ -37,6 +40,8 @@ class StageEntry:
     prepare: Callable | None = None
     block: Callable | None = None
     calibration_batch: Callable | None = None
+    finish: Callable | None = None
+    whole_model: Callable | None = None
 
 
 STAGES: dict[str, StageEntry] = {}
@@ -71,9 +76,12 @@ def register_block_stage(
     quantizes: bool = False,
     check: Callable | None = None,
     prepare: Callable | None = None,
+    finish: Callable | None = None,
+    whole_model: Callable | None = None,
 ) -> Callable[[Callable], Callable]:
     """Register `block(block, index, name, inputs, config, context)` as the block-local stage `name` (see
-    `StageEntry`); its whole-model `apply` runs the blocks in order through `compress.blockwise.run_stage`.
+    `StageEntry`); its whole-model `apply` runs the blocks in order through `compress.blockwise.run_stage`, then
+    `finish`.
     `calibration_batch(config)` is the batch size of the calibration inputs the stage needs, or None."""
 
     def wrap(block: Callable) -> Callable:
@@ -84,10 +92,12 @@ def register_block_stage(
 
         def apply(model, stage_config, context) -> None:
             run_stage(model, STAGES[name], stage_config, context)
+            if finish is not None:
+                finish(model, stage_config, context)
 
-        STAGES[name] = StageEntry(
-            name, config, apply, quantizes, False, check, prepare, block=block, calibration_batch=calibration_batch
-        )
+        STAGES[name] = StageEntry(name, config, apply, quantizes, False, check, prepare, block=block,
+                                  calibration_batch=calibration_batch, finish=finish,
+                                  whole_model=whole_model)  # fmt: skip
         return block
 
     return wrap

@@ -163,6 +163,8 @@ class Report:
                   f"{unit} as planned, measured {self.size.get('checkpoint_bytes')} bytes of weight files. "
                   f"Predicted KL {_fmt(summary.get('predicted_kl'))} (the sum of each layer's Fisher estimate), "
                   f"measured {_fmt(self.after.get('kl_to_original'))}."]  # fmt: skip
+        if "head" in summary:
+            lines[-1] += f" Output head: {summary['head']}."
         return lines
 
     def allocation_chart(self) -> str | None:

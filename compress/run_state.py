@@ -8,7 +8,8 @@ The directory `.<out>.run/` holds:
   streaming mode the block file is already the checkpoint's shard);
 - `stage-S/streams-IIIII.safetensors`: the hidden states entering block I (calibration, and in streaming mode the
   evaluation streams), so the next block needs nothing recomputed;
-- `stage-S/model.safetensors`: the whole model after a stage that is not block-local (pv_tuning, hesso).
+- `stage-S/model.safetensors`: the whole model after a stage that is not block-local (pv_tuning, hesso), or a
+  block-local one that also changed the model outside its blocks (`allocate` compressing the output head).
 
 Every file is written under a temporary name and renamed into place; `state.json` is rewritten last, so whatever
 the moment of a kill, the state names only complete files. The directory is removed once the export is complete.
@@ -161,7 +162,8 @@ class RunState:
 
     # -- whole-model stages ------------------------------------------------------------------------------------
     def save_model(self, stage_index: int, model: nn.Module, context) -> None:
-        """The whole model after stage `stage_index` (for stages that are not block-local)."""
+        """The whole model after stage `stage_index` (a stage that is not block-local, or one that changed what lies
+        outside the blocks)."""
         if not self.writer:
             return
         from compress.export import layer_settings
@@ -178,6 +180,10 @@ class RunState:
         }
         save_model(model, str(temporary), metadata=metadata)
         os.replace(temporary, path)
+
+    def has_model(self, stage_index: int) -> bool:
+        """Whether stage `stage_index` left a whole-model checkpoint."""
+        return (self.directory / f"stage-{stage_index}" / "model.safetensors").is_file()
 
     def restore_model(self, stage_index: int, model: nn.Module, context) -> None:
         from compress.hf import install_empty_modules

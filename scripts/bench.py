@@ -161,6 +161,11 @@ METHODS = [
            settings=(("stages.0.candidates", DATA_FREE_CANDIDATES),)),  # fmt: skip
     Method("allocate-data-free-3.3", "ours", recipe="recipes/allocate-2.5bit.yaml", grid=False, only_bits=(3,),
            settings=(("stages.0.candidates", DATA_FREE_CANDIDATES), ("budget.bits_per_weight", 3.3))),  # fmt: skip
+    # a whole-checkpoint size (that of allocate-data-free-2.5) with the output head a candidate too (float16, uniform
+    # 8 or 4 bits): at 2-3 bits the float16 head is most of a small model's checkpoint
+    Method("allocate-data-free-86MB-head", "ours", recipe="recipes/allocate-2.5bit.yaml", grid=False, only_bits=(2,),
+           settings=(("stages.0.candidates", DATA_FREE_CANDIDATES), ("budget", {"size": "86MB"}),
+                     ("stages.0.head", [{"bits": 8}, {"bits": 4}]))),  # fmt: skip
     Method("llmcompressor-rtn", "llmcompressor", peer_method="rtn"),
     Method("llmcompressor-gptq", "llmcompressor", peer_method="gptq"),
     Method("hqq", "hqq"),

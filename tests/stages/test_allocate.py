@@ -48,8 +48,8 @@ def test_the_knapsack_is_exact():
     assert sorted(choice) == [0, 0, 0]  # within 3 units of fitting: the rounded problem does not fit it
 
 
-def _sizes(model_dir, tmp_path, **budget):
-    recipe = tiny_recipe(model_dir, tmp_path / "probe", [ALLOCATE], budget=budget)
+def _sizes(model_dir, tmp_path, stage=ALLOCATE, **budget):
+    recipe = tiny_recipe(model_dir, tmp_path / "probe", [stage], budget=budget)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     config = recipe.stages[0].config
     layers = {n: tuple(m.weight.shape) for n, m in model.named_modules() if n.startswith("model.layers.")
@@ -227,3 +227,95 @@ def test_the_measurement_before_the_first_stage_counts_in_its_time(model_dirs, t
     result = pipeline.run(tiny_recipe(model_dirs["llama"], tmp_path / "out", [ALLOCATE],
                                       budget={"bits_per_weight": 4.5}), evaluate=False)  # fmt: skip
     assert result.report.stages[0].seconds > 1.5
+
+
+HEAD_OPTIONS = [{"bits": 8, "group_size": 32}, {"bits": 4, "group_size": 32}]
+ALLOCATE_HEAD = {**ALLOCATE, "head": HEAD_OPTIONS}
+
+
+def _head_budget(model_dir, tmp_path) -> tuple[int, allocate.Sizes]:
+    """A size the layers alone cannot meet with the head in float16 (every layer at its smallest candidate, and a
+    quarter of the float16 head's bytes less), so the head must give up bits."""
+    sizes = _sizes(model_dir, tmp_path, size=10**9, stage=ALLOCATE_HEAD)
+    smallest_layers = sum(min(c) for c in sizes.per_layer.values())
+    return sizes.fixed + smallest_layers + sizes.head[0] - sizes.head[0] // 4, sizes
+
+
+def test_head_options_compress_the_head_to_meet_a_size_budget(model_dirs, tmp_path, one_thread):
+    """The output head is an item of the knapsack: under a size the float16 head does not fit, it is chosen at a
+    head option, the checkpoint meets the budget on disk, loads (the tied embedding reading the head's codes) and
+    computes what the run's model computes; the report names the head's choice."""
+    import compress
+
+    budget, sizes = _head_budget(model_dirs["llama"], tmp_path)
+    assert sizes.head[0] > sizes.head[1] > sizes.head[2]  # float16, 8-bit, 4-bit
+    out = tmp_path / "out"
+    result = pipeline.run(tiny_recipe(model_dirs["llama"], out, [ALLOCATE_HEAD], budget={"size": budget}),
+                          evaluate=False)  # fmt: skip
+    assert (out / "model.safetensors").stat().st_size <= budget
+    head = result.report.layers["lm_head"]
+    assert head["allocation"]["candidate"].startswith("head uniform w")
+    assert set(head["allocation"]["predicted_kl_per_candidate"]) == {"head float16", "head uniform w8 g32",
+                                                                     "head uniform w4 g32"}  # fmt: skip
+    assert result.report.stages[0].metrics["summary"]["head"] == head["allocation"]["candidate"]
+    assert "Output head: head uniform w" in (out / "report.md").read_text()
+    loaded = compress.load(out)
+    assert type(loaded.get_input_embeddings()).__name__ == "QuantizedEmbedding"
+    ids = torch.randint(0, 320, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, result.model(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_a_sensitive_head_stays_float16(model_dirs, tmp_path, monkeypatch, one_thread):
+    """The same budget with the head's measured Fisher information times 10^6: the head keeps float16 and the
+    layers give up the bits instead (with a budget the layers can meet alone)."""
+    sizes = _sizes(model_dirs["llama"], tmp_path, size=10**9, stage=ALLOCATE_HEAD)
+    smallest = sizes.fixed + sum(min(c) for c in sizes.per_layer.values()) + sizes.head[0]
+    budget = smallest + sum(max(c) - min(c) for c in sizes.per_layer.values()) // 3
+    measured = allocate.fisher_diagonals
+    chosen = {}
+    for kind in ("plain", "sensitive"):
+        if kind == "sensitive":
+            def sensitive(model, linears, windows):
+                found = measured(model, linears, windows)
+                found["lm_head"] = found["lm_head"] * 1e6
+                return found
+
+            monkeypatch.setattr(allocate, "fisher_diagonals", sensitive)
+        result = pipeline.run(tiny_recipe(model_dirs["llama"], tmp_path / kind, [ALLOCATE_HEAD],
+                                          budget={"size": budget}), evaluate=False)  # fmt: skip
+        chosen[kind] = result.report.stages[0].metrics["summary"]["head"]
+        assert (tmp_path / kind / "model.safetensors").stat().st_size <= budget
+    assert chosen["plain"] != "head float16"  # the tiny head is cheap to quantize: the plain choice takes its bits
+    assert chosen["sensitive"] == "head float16"
+
+
+def test_head_options_are_refused_where_they_cannot_apply(model_dirs, tmp_path):
+    bits = tiny_recipe(model_dirs["llama"], tmp_path / "a", [ALLOCATE_HEAD], budget={"bits_per_weight": 3.0})
+    with pytest.raises(CompressError, match="head options count against a size budget"):
+        validate(bits)
+    wide = {**ALLOCATE, "head": [{"bits": 8, "group_size": 48}]}
+    with pytest.raises(CompressError, match="group_size 48 does not divide the head's 64 input features"):
+        validate(tiny_recipe(model_dirs["llama"], tmp_path / "b", [wide], budget={"size": 10**7}))
+    with pytest.raises(CompressError, match=r"head\[0\]: bits: Input should be greater than or equal to 4 \(got 2\)"):
+        tiny_recipe(model_dirs["llama"], tmp_path / "c", [{**ALLOCATE, "head": [{"bits": 2}]}], budget={"size": 10**7})
+    streamed = tiny_recipe(model_dirs["llama"], tmp_path / "d", [ALLOCATE_HEAD], budget={"size": 10**7})
+    assert any("outside the blocks" in problem for problem in pipeline.streaming_problems(streamed))
+
+
+@pytest.mark.parametrize("crash", ["allocate", "pv_tuning"])
+def test_an_allocation_with_the_head_resumes_to_the_same_files(crash, model_dirs, tmp_path, monkeypatch, one_thread):
+    """Killed inside allocate (its blocks resume, the head is compressed after them) or in the stage after it
+    (the head comes back from the stage's whole-model checkpoint): the same files as an uninterrupted run."""
+    budget, _ = _head_budget(model_dirs["llama"], tmp_path)
+    stages = [ALLOCATE_HEAD, {"stage": "pv_tuning", "steps": 2, "validation_windows": 2}]
+    reference = tmp_path / "reference"
+    pipeline.run(tiny_recipe(model_dirs["llama"], reference, stages, budget={"size": budget}), evaluate=False)
+    out = tmp_path / "out"
+    recipe = tiny_recipe(model_dirs["llama"], out, stages, budget={"size": budget})
+    with monkeypatch.context() as patch:
+        crash_at(patch, crash, 1 if crash == "allocate" else None)
+        with pytest.raises(Crash):
+            pipeline.run(recipe, evaluate=False)
+    pipeline.run(recipe, evaluate=False, resume=True)
+    same_files(out, reference)
