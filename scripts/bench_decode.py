@@ -195,7 +195,10 @@ def measure_llama_cpp(path: str, new_tokens: int) -> dict:
 
 def run_isolated(source: str, dtype: str, new_tokens: int) -> dict:
     command = [sys.executable, __file__, "--measure", source, "--dtype", dtype, "--new-tokens", str(new_tokens)]
-    done = subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise SystemExit(f"measuring {source} ({dtype}) failed with exit code {done.returncode}:\n{tail}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -277,6 +280,9 @@ def main() -> int:
                     sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()))
                    for name, directory in checkpoints.items()]  # fmt: skip
         peers = llama_cpp_models() if not args.only else []
+        for name, path, _ in peers:  # a build that cannot run fails here, not after the rounds of every other row
+            print(f"checking {name}", flush=True)
+            run_isolated(str(path), "gguf", 2)
         models += [(name, str(path), "gguf", fmt, path.stat().st_size) for name, path, fmt in peers]
         # The machine's speed drifts by tens of percent between minutes: every model is measured in `--rounds`
         # rounds, in alternating order, and keeps its best decode and prefill.
