@@ -251,7 +251,7 @@ def budget_problems(model: nn.Module, config: AllocateConfig, budget, layers: di
         try:
             _, head = head_stage.output_head(model)
         except CompressError as error:
-            return [str(error).replace("head: ", "allocate's head options: ", 1)]
+            return [str(error).replace("head: ", "allocate's head options: ", 1).replace("the stage", "them")]
         width = head.in_features
         misfit = next((o.group_size for o in config.head_options() if o.group_size and width % o.group_size), None)
         if misfit is not None:
