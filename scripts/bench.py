@@ -166,6 +166,8 @@ METHODS = [
     Method("allocate-data-free-86MB-head", "ours", recipe="recipes/allocate-2.5bit.yaml", grid=False, only_bits=(2,),
            settings=(("stages.0.candidates", DATA_FREE_CANDIDATES), ("budget", {"size": "86MB"}),
                      ("stages.0.head", [{"bits": 8}, {"bits": 4}]))),  # fmt: skip
+    # the single setting with the head compressed too, at about that size: what the row above must beat
+    Method("nupes-data-free-head8", "ours", recipe="recipes/nupes-data-free-w4-head8.yaml", only_bits=(3, 4)),
     Method("llmcompressor-rtn", "llmcompressor", peer_method="rtn"),
     Method("llmcompressor-gptq", "llmcompressor", peer_method="gptq"),
     Method("hqq", "hqq"),
