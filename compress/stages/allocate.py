@@ -150,6 +150,13 @@ def stored_bytes(module: nn.Module) -> int:
     return sum(t.numel() * _stored_bits(t) // 8 for t in module.state_dict().values())
 
 
+def written_bytes(name: str, module: QuantizedLinear, digits: int) -> int:
+    """What a compressed layer `name` adds to the checkpoint: its tensors, their header entries and the empty
+    `NAME.weight` placeholder (docs/FORMAT.md)."""
+    header = sum(_entry_bytes(f"{name}.{k}", tuple(t.shape), digits) for k, t in module.state_dict().items())
+    return stored_bytes(module) + header + _entry_bytes(f"{name}.weight", (0,), digits)
+
+
 @dataclass
 class Sizes:
     """What a candidate costs for each layer, in the budget's unit, and what the rest of the checkpoint takes."""
@@ -199,10 +206,7 @@ def budget_sizes(model: nn.Module, config: AllocateConfig, budget, layers: dict[
     for name, (out, inp) in layers.items():
         costs = []
         for stage, cfg in parsed:
-            module = candidate_module(stage, cfg, out, inp, biases[name])
-            header = sum(_entry_bytes(f"{name}.{k}", tuple(t.shape), digits) for k, t in module.state_dict().items())
-            header += _entry_bytes(f"{name}.weight", (0,), digits)  # the empty placeholder (docs/FORMAT.md)
-            costs.append(stored_bytes(module) + header)
+            costs.append(written_bytes(name, candidate_module(stage, cfg, out, inp, biases[name]), digits))
         per_layer[name] = costs
     return Sizes(per_layer, fixed, total - fixed, "bytes", head[1] if head is not None else None)
 
@@ -228,9 +232,7 @@ def head_sizes(model: nn.Module, config: AllocateConfig, digits: int) -> tuple[s
         settings = {"bits": option.bits, "group_size": option.group_size or in_features}
         with torch.device("meta"):
             module = UniformLinear.empty(in_features, out_features, head.bias is not None, settings)
-        header = sum(_entry_bytes(f"{name}.{k}", tuple(t.shape), digits) for k, t in module.state_dict().items())
-        header += _entry_bytes(f"{name}.weight", (0,), digits)
-        costs.append(stored_bytes(module) + header + copy_bytes)
+        costs.append(written_bytes(name, module, digits) + copy_bytes)
     return set(own), costs
 
 
