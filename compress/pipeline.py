@@ -405,8 +405,10 @@ def streaming_problems(recipe: Recipe) -> list[str]:
         if STAGES[stage.name].block is None:
             message = f"{stage.name} works on the whole model and cannot stream; rtn, nupes and jlcm can"
             problems.append(recipe.problem(("stages", index, "stage"), message))
-        elif STAGES[stage.name].whole_model is not None and STAGES[stage.name].whole_model(stage.config):
-            problems.append(recipe.problem(("stages", index), STAGES[stage.name].whole_model(stage.config)))
+        elif STAGES[stage.name].whole_model is not None:
+            reason = STAGES[stage.name].whole_model(stage.config)
+            if reason:
+                problems.append(recipe.problem(("stages", index), reason))
     if recipe.export.format != "packed":
         problems.append(recipe.problem(("export", "format"), "streaming writes the packed format"))
     for index, stage in enumerate(recipe.stages):

@@ -183,7 +183,7 @@ class RunState:
 
     def has_model(self, stage_index: int) -> bool:
         """Whether stage `stage_index` left a whole-model checkpoint."""
-        return (self.directory / f"stage-{stage_index}" / "model.safetensors").is_file()
+        return (self._folder(stage_index) / "model.safetensors").is_file()
 
     def restore_model(self, stage_index: int, model: nn.Module, context) -> None:
         from compress.hf import install_empty_modules
@@ -221,8 +221,11 @@ class RunState:
         if self.writer:
             remove_owned(self.directory, KIND)
 
+    def _folder(self, stage_index: int) -> Path:
+        return self.directory / f"stage-{stage_index}"
+
     def _stage(self, stage_index: int) -> Path:
-        folder = self.directory / f"stage-{stage_index}"
+        folder = self._folder(stage_index)
         if self.writer:
             make_owned(self.directory, KIND)
             folder.mkdir(exist_ok=True)
