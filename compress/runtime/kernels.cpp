@@ -277,21 +277,40 @@ void grid_gemv_rows(int64_t begin, int64_t end, const uint8_t* codes, int64_t ro
                                      ys, out_features, spread_index, keep);
 }
 
-// Returns false where the shape does not suit this path (too many tokens, groups not a multiple of 8 inputs).
+// One layer of a grid decode: where its codes, zero points, factors and levels are, and where its output goes.
+struct GridSegment {
+  const uint8_t* codes;
+  int64_t row_bytes;
+  const uint8_t* zs;
+  const float* fs;
+  const float* ts;
+  int64_t table_stride;
+  float* ys;
+  int64_t out_features;
+};
+
+// Every segment's rows for the same input in one parallel loop: the input is permuted once, and the threads meet
+// once for all of them (layers that read the same input, e.g. an attention's q, k and v projections). Returns false
+// where the shape does not suit this path (too many tokens, groups not a multiple of 8 inputs).
 template <int Bits>
-bool grid_gemv(const at::Tensor& x, const at::Tensor& y, const uint8_t* codes, int64_t row_bytes, const uint8_t* zs,
-               const float* fs, const float* ts, int64_t table_stride, int64_t groups, int64_t group_size) {
-  const int64_t tokens = x.size(0), in_features = x.size(1), out_features = y.size(1);
+bool grid_gemv(const at::Tensor& x, const std::vector<GridSegment>& segments, int64_t groups, int64_t group_size) {
+  const int64_t tokens = x.size(0), in_features = x.size(1);
   if (tokens < 1 || tokens > kDecodeTokens || group_size % 8 != 0) return false;
   const int64_t chunks = (in_features + kChunk - 1) / kChunk;
   const ChunkGroups layout = chunk_groups(in_features, group_size, chunks);
   const std::vector<float> xp = permuted_input(x.data_ptr<float>(), tokens, in_features, chunks);
-  float* ys = y.data_ptr<float>();
+  std::vector<int64_t> starts(segments.size() + 1, 0);
+  for (size_t s = 0; s < segments.size(); ++s) starts[s + 1] = starts[s] + segments[s].out_features;
   auto rows = [&](auto count) {
     constexpr int Tokens = decltype(count)::value;
-    at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
-      grid_gemv_rows<Bits, Tokens>(begin, end, codes, row_bytes, zs, fs, ts, table_stride, groups, in_features,
-                                   xp.data(), chunks, layout, ys, out_features);
+    at::parallel_for(0, starts.back(), 16, [&](int64_t begin, int64_t end) {
+      for (size_t s = 0; s < segments.size(); ++s) {
+        const int64_t low = std::max(begin, starts[s]) - starts[s], high = std::min(end, starts[s + 1]) - starts[s];
+        if (low >= high) continue;
+        const GridSegment& g = segments[s];
+        grid_gemv_rows<Bits, Tokens>(low, high, g.codes, g.row_bytes, g.zs, g.fs, g.ts, g.table_stride, groups,
+                                     in_features, xp.data(), chunks, layout, g.ys, g.out_features);
+      }
     });
   };
   with_tokens(tokens, rows);
@@ -334,8 +353,8 @@ void grid8_gemv(const at::Tensor& x, const at::Tensor& y, const uint8_t* codes, 
 #endif
 
 // Grid formats (`uniform`, `power`): w = factor[r, g] * table[tr, q - z[r, g] + qmax], where tr is 0 or r.
-at::Tensor grid_linear_2d(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& zeros,
-                       const at::Tensor& factors, const at::Tensor& table, int64_t bits, int64_t group_size) {
+void check_grid(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& zeros, const at::Tensor& factors,
+                const at::Tensor& table, int64_t bits, int64_t group_size) {
   TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8");
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous(), "qweight must be contiguous uint8");
   TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous(), "zeros must be contiguous uint8");
@@ -349,6 +368,15 @@ at::Tensor grid_linear_2d(const at::Tensor& x, const at::Tensor& qweight, const 
   TORCH_CHECK(qweight.size(1) == (in_features + 7) / 8 * bits, "qweight row length does not match in_features");
   TORCH_CHECK(zeros.numel() == out_features * groups && factors.numel() == out_features * groups, "zeros/factors");
   TORCH_CHECK(table.size(1) >= 2 * qmax + 1 && (table.size(0) == 1 || table.size(0) == out_features), "table");
+}
+
+at::Tensor grid_linear_2d(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& zeros,
+                          const at::Tensor& factors, const at::Tensor& table, int64_t bits, int64_t group_size) {
+  check_grid(x, qweight, zeros, factors, table, bits, group_size);
+  const int64_t out_features = qweight.size(0);
+  const int64_t in_features = x.size(1);
+  const int64_t qmax = (int64_t{1} << bits) - 1;
+  const int64_t groups = in_features / group_size;
   const uint8_t* codes = qweight.data_ptr<uint8_t>();
   const uint8_t* zs = zeros.data_ptr<uint8_t>();
   const float* fs = factors.data_ptr<float>();
@@ -381,8 +409,8 @@ at::Tensor grid_linear_2d(const at::Tensor& x, const at::Tensor& qweight, const 
       TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be [tokens, ", in_features, "]");
       TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
       at::Tensor y = at::empty({x.size(0), out_features}, x.options());
-      if (table_width >= 32 && grid_gemv<Bits>(x, y, codes, row_bytes, zs, fs, ts, table_stride, groups, group_size))
-        return y;
+      const GridSegment segment{codes, row_bytes, zs, fs, ts, table_stride, y.data_ptr<float>(), out_features};
+      if (table_width >= 32 && grid_gemv<Bits>(x, {segment}, groups, group_size)) return y;
     }
 #endif
     return run_linear(x, out_features, in_features, [=](int64_t r, float* row, int32_t* scratch) {
@@ -439,6 +467,43 @@ at::Tensor grid_linear_2d(const at::Tensor& x, const at::Tensor& qweight, const 
       }
     });
   });
+}
+
+// Several grid layers of one width and group size applied to the same input: at decode, for grids of at most 4
+// bits, one parallel loop over all their rows; otherwise each layer as grid_linear_2d computes it.
+std::vector<at::Tensor> grid_linear_group_2d(const at::Tensor& x, at::TensorList qweights, at::TensorList zeros,
+                                             at::TensorList factors, at::TensorList tables, int64_t bits,
+                                             int64_t group_size) {
+  const size_t count = qweights.size();
+  TORCH_CHECK(count > 0 && zeros.size() == count && factors.size() == count && tables.size() == count,
+              "qweights, zeros, factors and tables must be lists of the same length");
+  std::vector<at::Tensor> outputs;
+#if defined(__AVX512F__) && defined(__AVX512VBMI__)
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
+  const int64_t tokens = x.size(0), in_features = x.size(1);
+  bool fast = bits <= 4 && tokens >= 1 && tokens <= kDecodeTokens && group_size > 0 && group_size % 8 == 0;
+  std::vector<GridSegment> segments;
+  for (size_t s = 0; fast && s < count; ++s) {
+    check_grid(x, qweights[s], zeros[s], factors[s], tables[s], bits, group_size);
+    fast = tables[s].size(1) >= 32;
+    const int64_t out_features = qweights[s].size(0);
+    outputs.push_back(at::empty({tokens, out_features}, x.options()));
+    segments.push_back({qweights[s].data_ptr<uint8_t>(), qweights[s].size(1), zeros[s].data_ptr<uint8_t>(),
+                        factors[s].data_ptr<float>(), tables[s].data_ptr<float>(),
+                        tables[s].size(0) == 1 ? 0 : tables[s].size(1), outputs.back().data_ptr<float>(),
+                        out_features});
+  }
+  if (fast && with_bits(bits, [&](auto width) {
+        constexpr int Bits = decltype(width)::value;
+        if constexpr (Bits <= 4) return grid_gemv<Bits>(x, segments, in_features / group_size, group_size);
+        return false;
+      }))
+    return outputs;
+  outputs.clear();
+#endif
+  for (size_t s = 0; s < count; ++s)
+    outputs.push_back(grid_linear_2d(x, qweights[s], zeros[s], factors[s], tables[s], bits, group_size));
+  return outputs;
 }
 
 // `codebook`: row r (stored order) is scale[r] * codebooks[r / rows_per_group, codes[r, v]] for each vector v.
@@ -583,10 +648,10 @@ inline __m512 four_entries(const char* book, uint32_t codes) {
 }
 
 template <int Tokens>
-void codebook4_gemv(const float* xs, int64_t in_features, const uint8_t* packed, int64_t row_bytes,
-                    const float* books, int64_t rows_per_group, const RowOut& out) {
+void codebook4_rows(int64_t begin, int64_t end, const float* xs, int64_t in_features, const uint8_t* packed,
+                    int64_t row_bytes, const float* books, int64_t rows_per_group, const RowOut& out) {
   const int64_t vectors = in_features / 4;
-  at::parallel_for(0, out.out_features, 16, [&](int64_t begin, int64_t end) {
+  {
     for (int64_t r = begin; r < end; ++r) {
       const uint8_t* codes = packed + r * row_bytes;
       const float* book = books + (r / rows_per_group) * 256 * 4;
@@ -612,7 +677,7 @@ void codebook4_gemv(const float* xs, int64_t in_features, const uint8_t* packed,
         out.put(t, r, sum);
       }
     }
-  });
+  }
 }
 #endif
 
@@ -633,21 +698,44 @@ void check_codebook(const at::Tensor& x, const at::Tensor& codes, const at::Tens
                 "scales must be float32 [out_features]");
 }
 
-// Decode (1 to kDecodeTokens tokens) where a kernel above serves the width and vector size: `xs` has the kept
-// columns zeroed, `out` finishes each row. False where none does (the caller takes the row-decoding driver).
-bool codebook_decode(const float* xs, int64_t tokens, int64_t in_features, const at::Tensor& codes,
-                     const at::Tensor& codebooks, int64_t code_bits, int64_t rows_per_group, const RowOut& out) {
+// One codebook layer of a decode: its input (kept columns zeroed), codes, codebooks (`[groups, entries, dim]`) and
+// how its rows are finished.
+struct CodebookSegment {
+  const float* xs = nullptr;
+  const uint8_t* packed = nullptr;
+  int64_t row_bytes = 0;
+  at::Tensor books;
+  int64_t rows_per_group = 0;
+  RowOut out;
+};
+
+// Decode (1 to kDecodeTokens tokens) of layers of one code width and vector size on the same input, in one parallel
+// loop over all their rows, where a kernel above serves the width and vector size. False where none does (the
+// caller takes the row-decoding driver).
+bool codebook_decode(int64_t tokens, int64_t in_features, int64_t code_bits, int64_t dim,
+                     std::vector<CodebookSegment>& segments) {
   if (tokens < 1 || tokens > kDecodeTokens) return false;
-  const int64_t dim = codebooks.size(2), row_bytes = codes.size(1);
-  const uint8_t* packed = codes.data_ptr<uint8_t>();
+  std::vector<int64_t> starts(segments.size() + 1, 0);
+  for (size_t s = 0; s < segments.size(); ++s) starts[s + 1] = starts[s] + segments[s].out.out_features;
+  // calls rows(segment, begin, end) for the rows of each segment in one loop over all of them
+  auto each = [&](const auto& rows) {
+    at::parallel_for(0, starts.back(), 16, [&](int64_t begin, int64_t end) {
+      for (size_t s = 0; s < segments.size(); ++s) {
+        const int64_t low = std::max(begin, starts[s]) - starts[s], high = std::min(end, starts[s + 1]) - starts[s];
+        if (low < high) rows(segments[s], low, high);
+      }
+    });
+  };
   return with_bits(code_bits, [&](auto width) {
     constexpr int Bits = decltype(width)::value;
 #if defined(__AVX512F__)
     if constexpr (Bits == 8) {
       if (dim == 4) {
         with_tokens(tokens, [&](auto count) {
-          codebook4_gemv<decltype(count)::value>(xs, in_features, packed, row_bytes, codebooks.data_ptr<float>(),
-                                                 rows_per_group, out);
+          each([&](const CodebookSegment& g, int64_t begin, int64_t end) {
+            codebook4_rows<decltype(count)::value>(begin, end, g.xs, in_features, g.packed, g.row_bytes,
+                                                   g.books.data_ptr<float>(), g.rows_per_group, g.out);
+          });
         });
         return true;
       }
@@ -655,13 +743,11 @@ bool codebook_decode(const float* xs, int64_t tokens, int64_t in_features, const
 #endif
 #if defined(__AVX512F__) && defined(__AVX512VBMI__)
     if constexpr (Bits >= 4) {  // a table row of at least 16 entries
-      const at::Tensor transposed = codebooks.transpose(1, 2).contiguous();  // [groups, dim, entries]
-      const float* books_t = transposed.data_ptr<float>();
+      for (CodebookSegment& g : segments) g.books = g.books.transpose(1, 2).contiguous();  // [groups, dim, entries]
       with_tokens(tokens, [&](auto count) {
-        constexpr int Tokens = decltype(count)::value;
-        at::parallel_for(0, out.out_features, 16, [&](int64_t begin, int64_t end) {
-          codebook_lut_rows<Bits, Tokens>(begin, end, xs, in_features, packed, row_bytes, books_t, dim,
-                                          rows_per_group, out);
+        each([&](const CodebookSegment& g, int64_t begin, int64_t end) {
+          codebook_lut_rows<Bits, decltype(count)::value>(begin, end, g.xs, in_features, g.packed, g.row_bytes,
+                                                          g.books.data_ptr<float>(), dim, g.rows_per_group, g.out);
         });
       });
       return true;
@@ -701,6 +787,65 @@ at::Tensor codebook_rows(const at::Tensor& x, const at::Tensor& codes, const at:
   });
 }
 
+void check_codebook_rows(const at::Tensor& codes, const c10::optional<at::Tensor>& permutation,
+                         const c10::optional<at::Tensor>& column_indices,
+                         const c10::optional<at::Tensor>& column_weights) {
+  const int64_t out_features = codes.size(0);
+  TORCH_CHECK(column_indices.has_value() == column_weights.has_value(),
+              "column_indices and column_weights go together");
+  if (column_indices.has_value())
+    TORCH_CHECK(column_indices->scalar_type() == at::kLong && column_indices->is_contiguous() &&
+                    column_weights->scalar_type() == at::kFloat && column_weights->is_contiguous() &&
+                    column_weights->dim() == 2 && column_weights->size(0) == out_features &&
+                    column_weights->size(1) == column_indices->numel(),
+                "column_indices must be int64 [k] and column_weights float32 [out_features, k]");
+  if (permutation.has_value()) {
+    TORCH_CHECK(permutation->scalar_type() == at::kLong && permutation->is_contiguous() &&
+                    permutation->numel() == out_features,
+                "permutation must be int64 [out_features]");
+    const int64_t* rows = permutation->data_ptr<int64_t>();
+    for (int64_t r = 0; r < out_features; ++r)
+      TORCH_CHECK(rows[r] >= 0 && rows[r] < out_features, "permutation out of range");
+  }
+}
+
+// A layer's part of a decode: its input without the kept columns (`zeroed`) and those columns (`kept_x`), which
+// must live until the decode is done, and how each row is finished into `y`.
+CodebookSegment codebook_segment(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+                                 const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& permutation,
+                                 const c10::optional<at::Tensor>& column_indices,
+                                 const c10::optional<at::Tensor>& column_weights, int64_t rows_per_group,
+                                 const at::Tensor& y, std::vector<float>& zeroed, std::vector<float>& kept_x) {
+  const int64_t tokens = x.size(0), in_features = x.size(1);
+  CodebookSegment segment;
+  segment.xs = x.data_ptr<float>();
+  if (column_indices.has_value()) {
+    const int64_t k = column_indices->numel();
+    const int64_t* columns = column_indices->data_ptr<int64_t>();
+    zeroed.assign(segment.xs, segment.xs + tokens * in_features);
+    kept_x.resize(static_cast<size_t>(tokens * k));
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t j = 0; j < k; ++j) {
+        TORCH_CHECK(columns[j] >= 0 && columns[j] < in_features, "column_indices out of range");
+        kept_x[t * k + j] = segment.xs[t * in_features + columns[j]];
+        zeroed[t * in_features + columns[j]] = 0.f;
+      }
+    segment.xs = zeroed.data();
+    segment.out.kept_x = kept_x.data();
+    segment.out.weights = column_weights->data_ptr<float>();
+    segment.out.kept = k;
+  }
+  segment.packed = codes.data_ptr<uint8_t>();
+  segment.row_bytes = codes.size(1);
+  segment.books = codebooks;
+  segment.rows_per_group = rows_per_group;
+  segment.out.scales = scales.has_value() ? scales->data_ptr<float>() : nullptr;
+  segment.out.rows = permutation.has_value() ? permutation->data_ptr<int64_t>() : nullptr;
+  segment.out.ys = y.data_ptr<float>();
+  segment.out.out_features = codes.size(0);
+  return segment;
+}
+
 // The whole layer: rows in stored order from the codes (with kept columns left out of the input), the kept columns'
 // float16 weights added, then each stored row written to its original row. At decode all of it happens in the
 // kernel's row loop (no other operator runs); otherwise the kept columns and the permutation are ATen operations.
@@ -708,54 +853,58 @@ at::Tensor codebook_linear_2d(const at::Tensor& x, const at::Tensor& codes, cons
                            const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& permutation,
                            const c10::optional<at::Tensor>& column_indices,
                            const c10::optional<at::Tensor>& column_weights, int64_t code_bits, int64_t rows_per_group) {
-  const bool kept = column_indices.has_value();
-  TORCH_CHECK(kept == column_weights.has_value(), "column_indices and column_weights go together");
   check_codebook(x, codes, codebooks, scales, code_bits, rows_per_group);
+  check_codebook_rows(codes, permutation, column_indices, column_weights);
   const int64_t tokens = x.size(0), in_features = x.size(1), out_features = codes.size(0);
-  if (kept)
-    TORCH_CHECK(column_indices->scalar_type() == at::kLong && column_indices->is_contiguous() &&
-                    column_weights->scalar_type() == at::kFloat && column_weights->is_contiguous() &&
-                    column_weights->dim() == 2 && column_weights->size(0) == out_features &&
-                    column_weights->size(1) == column_indices->numel(),
-                "column_indices must be int64 [k] and column_weights float32 [out_features, k]");
-  if (permutation.has_value())
-    TORCH_CHECK(permutation->scalar_type() == at::kLong && permutation->is_contiguous() &&
-                    permutation->numel() == out_features,
-                "permutation must be int64 [out_features]");
   if (tokens >= 1 && tokens <= kDecodeTokens) {
     thread_local std::vector<float> zeroed, kept_x;  // the input without its kept columns, and those columns
-    const float* xs = x.data_ptr<float>();
-    RowOut out;
-    if (kept) {
-      const int64_t k = column_indices->numel();
-      const int64_t* columns = column_indices->data_ptr<int64_t>();
-      zeroed.assign(xs, xs + tokens * in_features);
-      kept_x.resize(static_cast<size_t>(tokens * k));
-      for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t j = 0; j < k; ++j) {
-          TORCH_CHECK(columns[j] >= 0 && columns[j] < in_features, "column_indices out of range");
-          kept_x[t * k + j] = xs[t * in_features + columns[j]];
-          zeroed[t * in_features + columns[j]] = 0.f;
-        }
-      xs = zeroed.data();
-      out.kept_x = kept_x.data();
-      out.weights = column_weights->data_ptr<float>();
-      out.kept = k;
-    }
     at::Tensor y = at::empty({tokens, out_features}, x.options());
-    out.scales = scales.has_value() ? scales->data_ptr<float>() : nullptr;
-    out.rows = permutation.has_value() ? permutation->data_ptr<int64_t>() : nullptr;
-    for (int64_t r = 0; out.rows != nullptr && r < out_features; ++r)
-      TORCH_CHECK(out.rows[r] >= 0 && out.rows[r] < out_features, "permutation out of range");
-    out.ys = y.data_ptr<float>();
-    out.out_features = out_features;
-    if (codebook_decode(xs, tokens, in_features, codes, codebooks, code_bits, rows_per_group, out)) return y;
+    std::vector<CodebookSegment> segments{codebook_segment(x, codes, codebooks, scales, permutation, column_indices,
+                                                           column_weights, rows_per_group, y, zeroed, kept_x)};
+    if (codebook_decode(tokens, in_features, code_bits, codebooks.size(2), segments)) return y;
   }
+  const bool kept = column_indices.has_value();
   at::Tensor y = codebook_rows(kept ? x.index_fill(1, *column_indices, 0.0) : x, codes, codebooks, scales, code_bits,
                                rows_per_group);
   if (kept) y.addmm_(x.index_select(1, *column_indices), column_weights->t());
   if (!permutation.has_value()) return y;
   return at::empty_like(y).index_copy_(1, *permutation, y);
+}
+
+// Several codebook layers of one code width on the same input: at decode, one parallel loop over all their rows;
+// otherwise each layer as codebook_linear_2d computes it.
+std::vector<at::Tensor> codebook_linear_group_2d(const at::Tensor& x, at::TensorList codes, at::TensorList codebooks,
+                                                 const c10::List<c10::optional<at::Tensor>>& scales,
+                                                 const c10::List<c10::optional<at::Tensor>>& permutations,
+                                                 const c10::List<c10::optional<at::Tensor>>& column_indices,
+                                                 const c10::List<c10::optional<at::Tensor>>& column_weights,
+                                                 int64_t code_bits, at::IntArrayRef rows_per_group) {
+  const size_t count = codes.size();
+  TORCH_CHECK(count > 0 && codebooks.size() == count && scales.size() == count && permutations.size() == count &&
+                  column_indices.size() == count && column_weights.size() == count && rows_per_group.size() == count,
+              "every list needs one entry per layer");
+  const int64_t tokens = x.size(0), in_features = x.size(1);
+  std::vector<at::Tensor> outputs;
+  bool same_dim = true;
+  for (size_t s = 0; s < count; ++s) same_dim = same_dim && codebooks[s].size(2) == codebooks[0].size(2);
+  if (same_dim && tokens >= 1 && tokens <= kDecodeTokens) {
+    std::vector<std::vector<float>> zeroed(count), kept_x(count);
+    std::vector<CodebookSegment> segments;
+    for (size_t s = 0; s < count; ++s) {
+      check_codebook(x, codes[s], codebooks[s], scales.get(s), code_bits, rows_per_group[s]);
+      check_codebook_rows(codes[s], permutations.get(s), column_indices.get(s), column_weights.get(s));
+      outputs.push_back(at::empty({tokens, codes[s].size(0)}, x.options()));
+      segments.push_back(codebook_segment(x, codes[s], codebooks[s], scales.get(s), permutations.get(s),
+                                          column_indices.get(s), column_weights.get(s), rows_per_group[s],
+                                          outputs.back(), zeroed[s], kept_x[s]));
+    }
+    if (codebook_decode(tokens, in_features, code_bits, codebooks[0].size(2), segments)) return outputs;
+    outputs.clear();
+  }
+  for (size_t s = 0; s < count; ++s)
+    outputs.push_back(codebook_linear_2d(x, codes[s], codebooks[s], scales.get(s), permutations.get(s),
+                                         column_indices.get(s), column_weights.get(s), code_bits, rows_per_group[s]));
+  return outputs;
 }
 
 // A float16 weight (the output head kept as stored): rows widened to float32 as they are read.
@@ -798,6 +947,44 @@ at::Tensor grid_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   });
 }
 
+// The same for the group operators: one output per layer, each with its own bias (or None).
+template <typename Linears>
+std::vector<at::Tensor> any_shape_group(const at::Tensor& x, const c10::List<c10::optional<at::Tensor>>& biases,
+                                        size_t count, const Linears& linears) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be float32 [..., in_features]");
+  TORCH_CHECK(biases.size() == count, "one bias (or None) per layer");
+  std::vector<at::Tensor> outputs = linears(x.reshape({-1, x.size(-1)}).contiguous());
+  std::vector<int64_t> sizes = x.sizes().vec();
+  for (size_t s = 0; s < outputs.size(); ++s) {
+    const c10::optional<at::Tensor> bias = biases.get(s);
+    if (bias.has_value() && bias->defined()) outputs[s].add_(*bias);
+    sizes.back() = outputs[s].size(1);
+    outputs[s] = outputs[s].view(sizes);
+  }
+  return outputs;
+}
+
+std::vector<at::Tensor> grid_linear_group(const at::Tensor& x, at::TensorList qweights, at::TensorList zeros,
+                                          at::TensorList factors, at::TensorList tables, int64_t bits,
+                                          int64_t group_size, const c10::List<c10::optional<at::Tensor>>& biases) {
+  return any_shape_group(x, biases, qweights.size(), [&](const at::Tensor& flat) {
+    return grid_linear_group_2d(flat, qweights, zeros, factors, tables, bits, group_size);
+  });
+}
+
+std::vector<at::Tensor> codebook_linear_group(const at::Tensor& x, at::TensorList codes, at::TensorList codebooks,
+                                              const c10::List<c10::optional<at::Tensor>>& scales,
+                                              const c10::List<c10::optional<at::Tensor>>& permutations,
+                                              const c10::List<c10::optional<at::Tensor>>& column_indices,
+                                              const c10::List<c10::optional<at::Tensor>>& column_weights,
+                                              int64_t code_bits, at::IntArrayRef rows_per_group,
+                                              const c10::List<c10::optional<at::Tensor>>& biases) {
+  return any_shape_group(x, biases, codes.size(), [&](const at::Tensor& flat) {
+    return codebook_linear_group_2d(flat, codes, codebooks, scales, permutations, column_indices, column_weights,
+                                    code_bits, rows_per_group);
+  });
+}
+
 at::Tensor codebook_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
                            const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& permutation,
                            const c10::optional<at::Tensor>& column_indices,
@@ -821,10 +1008,17 @@ TORCH_LIBRARY(compress, m) {
   m.def("codebook_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor? scales, Tensor? permutation, "
         "Tensor? column_indices, Tensor? column_weights, int code_bits, int rows_per_group, Tensor? bias) -> Tensor");
   m.def("half_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("grid_linear_group(Tensor x, Tensor[] qweights, Tensor[] zeros, Tensor[] factors, Tensor[] tables, int bits, "
+        "int group_size, Tensor?[] biases) -> Tensor[]");
+  m.def("codebook_linear_group(Tensor x, Tensor[] codes, Tensor[] codebooks, Tensor?[] scales, "
+        "Tensor?[] permutations, Tensor?[] column_indices, Tensor?[] column_weights, int code_bits, "
+        "int[] rows_per_group, Tensor?[] biases) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(compress, CPU, m) {
   m.impl("grid_linear", &grid_linear);
   m.impl("codebook_linear", &codebook_linear);
   m.impl("half_linear", &half_linear);
+  m.impl("grid_linear_group", &grid_linear_group);
+  m.impl("codebook_linear_group", &codebook_linear_group);
 }

@@ -59,6 +59,15 @@ def _register_fakes() -> None:
     def _(x, weight, bias):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
+    @torch.library.register_fake("compress::grid_linear_group")
+    def _(x, qweights, zeros, factors, tables, bits, group_size, biases):
+        return [x.new_empty(*x.shape[:-1], qweight.shape[0]) for qweight in qweights]
+
+    @torch.library.register_fake("compress::codebook_linear_group")
+    def _(x, codes, codebooks, scales, permutations, column_indices, column_weights, code_bits, rows_per_group,
+          biases):
+        return [x.new_empty(*x.shape[:-1], layer.shape[0]) for layer in codes]
+
 
 def grid_linear_op() -> Callable[..., torch.Tensor]:
     """`grid_linear(x, qweight, zeros, factors, table, bits, group_size, bias) -> y`: `x [..., in] @ W^T + bias` with
@@ -69,6 +78,13 @@ def grid_linear_op() -> Callable[..., torch.Tensor]:
     return torch.ops.compress.grid_linear.default if enabled() else grid_linear_reference
 
 
+def grid_linear_group_op() -> Callable[..., list[torch.Tensor]]:
+    """`grid_linear_group(x, qweights, zeros, factors, tables, bits, group_size, biases) -> [y]`: `grid_linear` of
+    several layers of the same width and group size on the same input, each argument but `x` a list with one entry
+    per layer (a bias may be None); one loop over all their rows at decode."""
+    return torch.ops.compress.grid_linear_group.default if enabled() else grid_linear_group_reference
+
+
 def codebook_linear_op() -> Callable[..., torch.Tensor]:
     """`codebook_linear(x, codes, codebooks, scales, permutation, column_indices, column_weights, code_bits,
     rows_per_group, bias) -> y`: `x [..., in] @ W^T + bias` for a `codebook` layer. Stored row `i` (of `codes`,
@@ -77,6 +93,13 @@ def codebook_linear_op() -> Callable[..., torch.Tensor]:
     `[k]`) taken from `column_weights` (float32 `[out, k]`) instead; it is original row `permutation[i]` (int64
     `[out]`) if given."""
     return torch.ops.compress.codebook_linear.default if enabled() else codebook_linear_reference
+
+
+def codebook_linear_group_op() -> Callable[..., list[torch.Tensor]]:
+    """`codebook_linear_group(x, codes, codebooks, scales, permutations, column_indices, column_weights, code_bits,
+    rows_per_group, biases) -> [y]`: `codebook_linear` of several layers of the same code width on the same input,
+    each argument but `x` and `code_bits` a list with one entry per layer; one loop over all their rows at decode."""
+    return torch.ops.compress.codebook_linear_group.default if enabled() else codebook_linear_group_reference
 
 
 def half_linear_op() -> Callable[..., torch.Tensor]:
@@ -104,6 +127,11 @@ def grid_linear_reference(x, qweight, zeros, factors, table, bits: int, group_si
     return _linear(x, weight.reshape(out_features, in_features), bias)
 
 
+def grid_linear_group_reference(x, qweights, zeros, factors, tables, bits: int, group_size: int, biases):
+    return [grid_linear_reference(x, *layer, bits, group_size, bias)
+            for *layer, bias in zip(qweights, zeros, factors, tables, biases, strict=True)]  # fmt: skip
+
+
 def codebook_linear_reference(
     x, codes, codebooks, scales, permutation, column_indices, column_weights, code_bits: int, rows_per_group: int, bias
 ) -> torch.Tensor:
@@ -119,3 +147,11 @@ def codebook_linear_reference(
     if permutation is not None:
         weight = torch.empty_like(weight).index_copy_(0, permutation, weight)
     return _linear(x, weight, bias)
+
+
+def codebook_linear_group_reference(
+    x, codes, codebooks, scales, permutations, column_indices, column_weights, code_bits: int, rows_per_group, biases
+) -> list[torch.Tensor]:
+    layers = zip(codes, codebooks, scales, permutations, column_indices, column_weights, rows_per_group, biases,
+                 strict=True)  # fmt: skip
+    return [codebook_linear_reference(x, c, b, s, p, i, w, code_bits, r, bias) for c, b, s, p, i, w, r, bias in layers]

@@ -39,6 +39,7 @@ class Kernel:
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, torch.Tensor | None, int, int]] | None = None
+        self.group: Group | None = None  # the layers reading the same input, computed together at decode
 
     def refresh(self, module: QuantizedLinear) -> None:
         raise NotImplementedError
@@ -56,11 +57,18 @@ class Kernel:
                 return False
         return True
 
-    def __call__(self, module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    def ensure(self, module: QuantizedLinear) -> None:
+        """Derive the tables again if one of the tensors they come from changed."""
         if not self.current(module):
             self.refresh(module)
             tensors = [(name, getattr(module, name, None)) for name in self.watched]
             self.seen = [(n, t, 0 if t is None else t._version, 0 if t is None else t.data_ptr()) for n, t in tensors]
+
+    def __call__(self, module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        group = self.group
+        if group is not None and x.numel() <= DECODE_TOKENS * module.in_features:
+            return group(module, x)
+        self.ensure(module)
         return _in_float32(lambda flat: self.run(module, flat), x)
 
 
@@ -94,6 +102,65 @@ class GridKernel(Kernel):
     def run(self, module: GroupedGridLinear, x: torch.Tensor) -> torch.Tensor:
         return self.op(x, module._buffers["qweight"], self.zeros, self.factors, self.table, self.bits, self.group_size,
                        module._parameters["bias"])  # fmt: skip
+
+
+class Group:
+    """Compressed layers of one format that read the same input, as an attention's q, k and v projections and an
+    MLP's gate and up projections do (`SIBLINGS`). At decode the first of them to be called computes all of them in
+    one operator call (one loop over all their rows: the threads meet once instead of once per layer) and keeps the
+    others' outputs; each of the others takes its own when it is called with that same tensor, unchanged since
+    (`_version`). Called with any other input, a layer computes the group again: grouping changes how many calls
+    make a result, never the result."""
+
+    def __init__(self, members: list[QuantizedLinear], op) -> None:
+        self.members = members
+        self.op = op
+        self.input: torch.Tensor | None = None
+        self.version = 0
+        self.waiting: dict[nn.Module, torch.Tensor] = {}
+
+    def arguments(self) -> tuple:
+        """The operator's arguments between the input and the biases."""
+        raise NotImplementedError
+
+    def __call__(self, module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        if x is self.input and x._version == self.version and module in self.waiting:
+            output = self.waiting.pop(module)
+            if not self.waiting:
+                self.input = None
+            return output
+        members = self.members
+        for member in members:
+            member.kernel.ensure(member)
+        flat = x if x.dtype == torch.float32 else x.float()
+        outputs = self.op(flat, *self.arguments(), [member._parameters["bias"] for member in members])
+        if x.dtype != torch.float32:
+            outputs = [output.to(x.dtype) for output in outputs]
+        pairs = list(zip(members, outputs, strict=True))
+        self.waiting = {member: output for member, output in pairs if member is not module}
+        self.input, self.version = x, x._version
+        return next(output for member, output in pairs if member is module)
+
+
+class GridGroup(Group):
+    def __init__(self, members: list[GroupedGridLinear]) -> None:
+        super().__init__(members, kernels.grid_linear_group_op())
+
+    def arguments(self) -> tuple:
+        found = [member.kernel for member in self.members]
+        return ([member._buffers["qweight"] for member in self.members], [k.zeros for k in found],
+                [k.factors for k in found], [k.table for k in found], found[0].bits, found[0].group_size)  # fmt: skip
+
+
+class CodebookGroup(Group):
+    def __init__(self, members: list[CodebookLinear]) -> None:
+        super().__init__(members, kernels.codebook_linear_group_op())
+
+    def arguments(self) -> tuple:
+        found = [member.kernel for member in self.members]
+        return ([member._buffers["codes"] for member in self.members], [k.codebooks for k in found],
+                [k.scales for k in found], [k.permutation for k in found], [k.columns for k in found],
+                [k.column_weights for k in found], found[0].code_bits, [k.rows_per_group for k in found])  # fmt: skip
 
 
 class CodebookKernel(Kernel):
@@ -140,6 +207,10 @@ class HalfLinear(nn.Module):
 
 
 KERNELS = {GroupedGridLinear: GridKernel, CodebookLinear: CodebookKernel}
+DECODE_TOKENS = 8  # kernels.cpp's kDecodeTokens: up to this many tokens, layers of a group are computed together
+# children of one module that read the same input in the architectures of transformers (Llama, Mistral, Qwen, Gemma,
+# Phi-3 ...: attention and MLP; Mixtral's experts: w1 and w3)
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"), ("query", "key", "value"))
 
 
 def prepare(model: nn.Module, *, half_head: bool = True) -> nn.Module:
@@ -154,10 +225,41 @@ def prepare(model: nn.Module, *, half_head: bool = True) -> nn.Module:
             if kind is not None:
                 module.kernel = kind()
                 count += 1
+    groups = _group_siblings(model)
     if half_head:
         _keep_head_in_half(model)
-    log.info("runtime: %d compressed layers use %s kernels", count, "compiled" if kernels.enabled() else "reference")
+    log.info("runtime: %d compressed layers use %s kernels (%d groups of layers sharing an input)", count,
+             "compiled" if kernels.enabled() else "reference", groups)  # fmt: skip
     return model
+
+
+def _group_siblings(model: nn.Module) -> int:
+    """Group the compressed layers among `SIBLINGS` that a decode kernel can take together: grids of at most 4 bits
+    of one width and group size, codebooks of one code width and vector size (`Group`). Returns the number of
+    groups."""
+    count = 0
+    for parent in model.modules():
+        for names in SIBLINGS:
+            found = [parent._modules.get(name) for name in names]
+            layers = [m for m in found if m is not None and _group_key(m) is not None]
+            members = [m for m in layers if _group_key(m) == _group_key(layers[0])]
+            if len(members) < 2:
+                continue
+            group = GridGroup(members) if isinstance(members[0].kernel, GridKernel) else CodebookGroup(members)
+            for member in members:
+                member.kernel.group = group
+            count += 1
+    return count
+
+
+def _group_key(module: nn.Module) -> tuple | None:
+    """What layers must share to be computed together; None where a layer is not grouped."""
+    kernel = module.__dict__.get("kernel")
+    if type(kernel) is GridKernel and module.bits <= 4 and module.qweight.device.type == "cpu":
+        return "grid", module.in_features, module.bits, module.group_size
+    if type(kernel) is CodebookKernel and module.codes.device.type == "cpu":
+        return "codebook", module.in_features, module.code_bits, module.codebooks.shape[2]
+    return None
 
 
 def _own_buffers(module: nn.Module) -> None:
