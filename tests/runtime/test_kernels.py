@@ -122,3 +122,16 @@ def test_training_keeps_exact_gradients_through_dequantize():
     layer.scales.requires_grad_(True)
     layer(torch.randn(2, layer.in_features)).sum().backward()
     assert layer.scales.grad is not None and layer.scales.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("in_features", [192, 200, 40, 8])  # steps of 32 and 16 values, and what is left after them
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_float16_kernel_equals_the_widened_product(in_features, bias, path):
+    generator = torch.Generator().manual_seed(in_features)
+    weight = torch.randn(80, in_features, generator=generator).to(torch.float16)
+    bias_tensor = torch.randn(80, generator=generator) if bias else None
+    op = kernels.half_linear_op()
+    for tokens in TOKENS:
+        x = torch.randn(tokens, in_features, generator=generator)
+        expected = F.linear(x, weight.float(), bias_tensor)
+        torch.testing.assert_close(op(x, weight, bias_tensor), expected, rtol=1e-4, atol=1e-4)
