@@ -635,6 +635,167 @@ void codebook_lut_rows(int64_t begin, int64_t end, const float* xs, int64_t in_f
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512VBMI__)
+// Decode (a few tokens) for codebooks of at most 64 entries of 2-vectors (`jlcm` 3-bit's 6-bit codes): a group's
+// codebook lives in eight registers (each component's 64 values in four), so a code's two values come from register
+// permutes, not from loads or gathers. A chunk is 64 codes (eight packed words): a byte permute puts each word in a
+// 64-bit lane and a multishift each code in a byte; phase p takes byte 4k + p of every 32-bit lane k, which is code
+// 4k + p of the chunk. The permutes read only an index's low five bits and the blend tests its sixth, so the bytes
+// above need no masking. The input's two components are permuted once per call to match.
+constexpr int64_t kPairChunk = 64;
+
+// `[tokens][chunk][component][phase][lane]`: component j of vector 4 * lane + phase of the chunk, 0 past the end.
+std::vector<float> pair_input(const float* xs, int64_t tokens, int64_t in_features, int64_t chunks) {
+  std::vector<float> out(tokens * chunks * 2 * kPairChunk, 0.f);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t v = 0; v < in_features / 2; ++v) {
+      const int64_t c = v / kPairChunk, within = v % kPairChunk;
+      float* base = out.data() + (t * chunks + c) * 2 * kPairChunk + (within % 4) * 16 + within / 4;
+      base[0] = xs[t * in_features + 2 * v];
+      base[kPairChunk] = xs[t * in_features + 2 * v + 1];
+    }
+  return out;
+}
+
+template <int Bits, int Tokens, int Rows>
+inline void codebook2_block(int64_t r, const uint8_t* packed, int64_t row_bytes, int64_t words, int64_t chunks,
+                            const float* xp, const __m512* table, __m512i spread, __mmask64 keep, const RowOut& out) {
+  constexpr int Partials = Tokens * Rows <= 2 ? 2 : 1;
+  const __m512i fields = _mm512_set1_epi64(static_cast<int64_t>(
+      (uint64_t{7 * Bits} << 56) | (uint64_t{6 * Bits} << 48) | (uint64_t{5 * Bits} << 40) |
+      (uint64_t{4 * Bits} << 32) | (uint64_t{3 * Bits} << 24) | (uint64_t{2 * Bits} << 16) | (uint64_t{Bits} << 8)));
+  const __m512i code_mask = _mm512_set1_epi8(static_cast<char>((1 << Bits) - 1));
+  const __m512i sixth = _mm512_set1_epi32(32);
+  __m512 acc[Rows][Tokens][2 * Partials];
+  for (int k = 0; k < Rows; ++k)
+    for (int t = 0; t < Tokens; ++t)
+      for (int q = 0; q < 2 * Partials; ++q) acc[k][t][q] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t chunk_words = std::min<int64_t>(8, words - 8 * c);
+    const __mmask64 present = chunk_words == 8 ? ~__mmask64{0} : ((__mmask64{1} << (chunk_words * Bits)) - 1);
+    __m512i codes[Rows];
+    for (int k = 0; k < Rows; ++k) {
+      const uint8_t* row = packed + (r + k) * row_bytes + 8 * c * Bits;
+      _mm_prefetch(reinterpret_cast<const char*>(row + 4 * Rows * row_bytes), _MM_HINT_T0);
+      const __m512i spread_words = _mm512_maskz_permutexvar_epi8(keep, spread, _mm512_maskz_loadu_epi8(present, row));
+      codes[k] = _mm512_and_si512(_mm512_multishift_epi64_epi8(fields, spread_words), code_mask);
+    }
+#pragma GCC unroll 4
+    for (int phase = 0; phase < 4; ++phase) {
+      __m512 first[Tokens], second[Tokens];
+      for (int t = 0; t < Tokens; ++t) {
+        const float* x = xp + (t * chunks + c) * 2 * kPairChunk + 16 * phase;
+        first[t] = _mm512_loadu_ps(x);
+        second[t] = _mm512_loadu_ps(x + kPairChunk);
+      }
+      for (int k = 0; k < Rows; ++k) {
+        const __m512i index = phase == 0 ? codes[k] : _mm512_srli_epi32(codes[k], 8 * phase);
+        const __mmask16 high = _mm512_test_epi32_mask(index, sixth);
+        const __m512 w0 = _mm512_mask_blend_ps(high, _mm512_permutex2var_ps(table[0], index, table[1]),
+                                               _mm512_permutex2var_ps(table[2], index, table[3]));
+        const __m512 w1 = _mm512_mask_blend_ps(high, _mm512_permutex2var_ps(table[4], index, table[5]),
+                                               _mm512_permutex2var_ps(table[6], index, table[7]));
+        const int q = Partials == 2 ? 2 * (phase % 2) : 0;
+        for (int t = 0; t < Tokens; ++t) {
+          acc[k][t][q] = _mm512_fmadd_ps(w0, first[t], acc[k][t][q]);
+          acc[k][t][q + 1] = _mm512_fmadd_ps(w1, second[t], acc[k][t][q + 1]);
+        }
+      }
+    }
+  }
+  for (int k = 0; k < Rows; ++k)
+    for (int t = 0; t < Tokens; ++t) {
+      __m512 sum = _mm512_add_ps(acc[k][t][0], acc[k][t][1]);
+      for (int q = 2; q < 2 * Partials; ++q) sum = _mm512_add_ps(sum, acc[k][t][q]);
+      out.put(t, r + k, _mm512_reduce_add_ps(sum));
+    }
+}
+
+template <int Bits, int Tokens>
+void codebook2_rows(int64_t begin, int64_t end, const float* xp, int64_t in_features, const uint8_t* packed,
+                    int64_t row_bytes, const float* books, int64_t rows_per_group, const RowOut& out) {
+  constexpr int64_t entries = int64_t{1} << Bits;
+  constexpr int Rows = Tokens <= 2 ? 2 : 1;
+  const int64_t vectors = in_features / 2, words = (vectors + 7) / 8;
+  const int64_t chunks = (vectors + kPairChunk - 1) / kPairChunk;
+  const auto [spread, keep] = word_spread<Bits, 8>();
+  for (int64_t start = begin; start < end;) {
+    const int64_t group = start / rows_per_group;
+    const int64_t stop = std::min(end, (group + 1) * rows_per_group);
+    alignas(64) float components[2][64] = {};  // the group's codebook, component by component, 0 past its entries
+    const float* book = books + group * entries * 2;
+    for (int64_t e = 0; e < entries; ++e) {
+      components[0][e] = book[2 * e];
+      components[1][e] = book[2 * e + 1];
+    }
+    __m512 table[8];
+    for (int j = 0; j < 8; ++j) table[j] = _mm512_load_ps(components[j / 4] + 16 * (j % 4));
+    int64_t r = start;
+    for (; r + Rows <= stop; r += Rows)
+      codebook2_block<Bits, Tokens, Rows>(r, packed, row_bytes, words, chunks, xp, table, spread, keep, out);
+    for (; r < stop; ++r) codebook2_block<Bits, Tokens, 1>(r, packed, row_bytes, words, chunks, xp, table, spread, keep, out);
+    start = stop;
+  }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// Decode (a few tokens) for 7- and 8-bit codes of 2-vectors (`jlcm` 3-bit's o_proj, k_proj and v_proj), straight
+// from the codebook: a group's 128 or 256 entries (1-2 KiB) stay in L1, and eight codes become 16 weights by eight
+// 8-byte loads, multiplied with the input as read (its order is the weights' order).
+template <int Bits>
+inline __m512 eight_pairs(const float* book, uint64_t word) {
+  constexpr uint64_t mask = (uint64_t{1} << Bits) - 1;
+  auto pair = [&](int j) { return reinterpret_cast<const double*>(book + 2 * ((word >> (Bits * j)) & mask)); };
+  const __m128d q0 = _mm_loadh_pd(_mm_load_sd(pair(0)), pair(1));
+  const __m128d q1 = _mm_loadh_pd(_mm_load_sd(pair(2)), pair(3));
+  const __m128d q2 = _mm_loadh_pd(_mm_load_sd(pair(4)), pair(5));
+  const __m128d q3 = _mm_loadh_pd(_mm_load_sd(pair(6)), pair(7));
+  __m512d w = _mm512_insertf64x2(_mm512_castpd128_pd512(q0), q1, 1);
+  w = _mm512_insertf64x2(w, q2, 2);
+  return _mm512_castpd_ps(_mm512_insertf64x2(w, q3, 3));
+}
+
+template <int Bits, int Tokens>
+void codebook2_direct_rows(int64_t begin, int64_t end, const float* xs, int64_t in_features, const uint8_t* packed,
+                           int64_t row_bytes, const float* books, int64_t rows_per_group, const RowOut& out) {
+  constexpr int64_t entries = int64_t{1} << Bits;
+  constexpr uint64_t mask = entries - 1;
+  const int64_t vectors = in_features / 2;
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* codes = packed + r * row_bytes;
+    const float* book = books + (r / rows_per_group) * entries * 2;
+    _mm_prefetch(reinterpret_cast<const char*>(codes + 2 * row_bytes), _MM_HINT_T0);
+    __m512 low[Tokens], high[Tokens];
+    for (int t = 0; t < Tokens; ++t) low[t] = high[t] = _mm512_setzero_ps();
+    int64_t v = 0;
+    for (; v + 16 <= vectors; v += 16) {
+      const __m512 first = eight_pairs<Bits>(book, load_le<Bits>(codes + (v / 8) * Bits));
+      const __m512 second = eight_pairs<Bits>(book, load_le<Bits>(codes + (v / 8 + 1) * Bits));
+      for (int t = 0; t < Tokens; ++t) {
+        const float* input = xs + t * in_features + 2 * v;
+        low[t] = _mm512_fmadd_ps(first, _mm512_loadu_ps(input), low[t]);
+        high[t] = _mm512_fmadd_ps(second, _mm512_loadu_ps(input + 16), high[t]);
+      }
+    }
+    for (; v + 8 <= vectors; v += 8) {
+      const __m512 first = eight_pairs<Bits>(book, load_le<Bits>(codes + (v / 8) * Bits));
+      for (int t = 0; t < Tokens; ++t)
+        low[t] = _mm512_fmadd_ps(first, _mm512_loadu_ps(xs + t * in_features + 2 * v), low[t]);
+    }
+    const uint64_t rest = v < vectors ? load_le<Bits>(codes + (v / 8) * Bits) : 0;  // the last, partial word
+    for (int t = 0; t < Tokens; ++t) {
+      float sum = _mm512_reduce_add_ps(_mm512_add_ps(low[t], high[t]));
+      for (int64_t u = v; u < vectors; ++u) {
+        const float* entry = book + 2 * ((rest >> (Bits * (u - v))) & mask);
+        sum += entry[0] * xs[t * in_features + 2 * u] + entry[1] * xs[t * in_features + 2 * u + 1];
+      }
+      out.put(t, r, sum);
+    }
+  }
+}
+#endif
+
 #if defined(__AVX512F__)
 // Decode (a few tokens) for 8-bit codes of 4-vectors, straight from the codebook: a group's 256 entries (4 KiB)
 // stay in L1, so four codes become 16 weights by four 16-byte loads, multiplied with the input as they are read.
@@ -742,6 +903,34 @@ bool codebook_decode(int64_t tokens, int64_t in_features, int64_t code_bits, int
     }
 #endif
 #if defined(__AVX512F__) && defined(__AVX512VBMI__)
+    if constexpr (Bits <= 6) {
+      if (dim == 2) {
+        std::vector<std::vector<float>> inputs;  // each layer's input (its kept columns zeroed) permuted to match
+        const int64_t chunks = (in_features / 2 + kPairChunk - 1) / kPairChunk;
+        for (const CodebookSegment& g : segments) inputs.push_back(pair_input(g.xs, tokens, in_features, chunks));
+        with_tokens(tokens, [&](auto count) {
+          each([&](const CodebookSegment& g, int64_t begin, int64_t end) {
+            const float* xp = inputs[&g - segments.data()].data();
+            codebook2_rows<Bits, decltype(count)::value>(begin, end, xp, in_features, g.packed, g.row_bytes,
+                                                         g.books.data_ptr<float>(), g.rows_per_group, g.out);
+          });
+        });
+        return true;
+      }
+    }
+#if defined(__AVX512DQ__)
+    if constexpr (Bits >= 7) {
+      if (dim == 2) {
+        with_tokens(tokens, [&](auto count) {
+          each([&](const CodebookSegment& g, int64_t begin, int64_t end) {
+            codebook2_direct_rows<Bits, decltype(count)::value>(begin, end, g.xs, in_features, g.packed, g.row_bytes,
+                                                                g.books.data_ptr<float>(), g.rows_per_group, g.out);
+          });
+        });
+        return true;
+      }
+    }
+#endif
     if constexpr (Bits >= 4) {  // a table row of at least 16 entries
       for (CodebookSegment& g : segments) g.books = g.books.transpose(1, 2).contiguous();  // [groups, dim, entries]
       with_tokens(tokens, [&](auto count) {

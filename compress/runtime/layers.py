@@ -240,15 +240,18 @@ def _group_siblings(model: nn.Module) -> int:
     count = 0
     for parent in model.modules():
         for names in SIBLINGS:
-            found = [parent._modules.get(name) for name in names]
-            layers = [m for m in found if m is not None and _group_key(m) is not None]
-            members = [m for m in layers if _group_key(m) == _group_key(layers[0])]
-            if len(members) < 2:
-                continue
-            group = GridGroup(members) if isinstance(members[0].kernel, GridKernel) else CodebookGroup(members)
-            for member in members:
-                member.kernel.group = group
-            count += 1
+            alike: dict[tuple, list[nn.Module]] = {}  # e.g. k and v with 8-bit codes, q with 6-bit: two groups
+            for module in (parent._modules.get(name) for name in names):
+                key = None if module is None else _group_key(module)
+                if key is not None:
+                    alike.setdefault(key, []).append(module)
+            for members in alike.values():
+                if len(members) < 2:
+                    continue
+                group = GridGroup(members) if isinstance(members[0].kernel, GridKernel) else CodebookGroup(members)
+                for member in members:
+                    member.kernel.group = group
+                count += 1
     return count
 
 

@@ -23,9 +23,9 @@ def grid_layer(kind: str, bits: int, group_size: int, bias: bool, out_features=9
     return PowerLinear.from_weight(weight, bias_tensor, bits, group_size, exponent)
 
 
-def codebook_layer(code_bits: int, dim: int, scales: bool, permuted: bool, kept: int, bias: bool, in_features=192):
+def codebook_layer(code_bits: int, dim: int, scales: bool, permuted: bool, kept: int, bias: bool, in_features=192,
+                   out_features=96, groups=4):
     generator = torch.Generator().manual_seed(code_bits * 10 + dim)
-    out_features, groups = 96, 4
     codes = torch.randint(0, 1 << code_bits, (out_features, in_features // dim), generator=generator)
     books = torch.randn(groups, 1 << code_bits, dim, generator=generator)
     columns = None
@@ -57,13 +57,17 @@ LAYERS = {
         f"codebook-k{bits}-d{dim}-s{int(s)}-p{int(p)}-kept{kept}-b{int(b)}": (
             lambda bits=bits, dim=dim, s=s, p=p, kept=kept, b=b: codebook_layer(bits, dim, s, p, kept, b)
         )
-        for bits, dim in ((8, 4), (6, 2), (4, 1), (7, 3), (8, 8))
+        for bits, dim in ((8, 4), (6, 2), (3, 2), (7, 2), (8, 2), (4, 1), (7, 3), (8, 8))
         for s, p, kept, b in (
             (True, True, 3, False), (False, False, 0, True), (True, False, 0, False), (False, True, 5, True)
         )
     },
     # 50 vectors of 4 a row: the decode kernel's eight-code steps leave two vectors over
     "codebook-k8-d4-in200": lambda: codebook_layer(8, 4, True, True, 2, True, in_features=200),
+    # 15 rows a group (an odd one left after the row pairs), 100 vectors of 2 (a chunk of 64 codes and a part)
+    **{f"codebook-k{bits}-d2-odd": (lambda bits=bits: codebook_layer(bits, 2, True, True, 3, True, in_features=200,
+                                                                     out_features=90, groups=6))
+       for bits in (6, 7, 8)},
 }
 
 

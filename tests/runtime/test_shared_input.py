@@ -126,6 +126,10 @@ def test_only_layers_a_kernel_can_take_together_are_grouped():
     prepare(attention)
     assert attention.q_proj.kernel.group is attention.k_proj.kernel.group
     assert attention.v_proj.kernel.group is None  # 3 bits against 4: its own call
+    attention = Attention(lambda size, seed, bias: codebook(6 if seed == 0 else 8, 2, size, seed, bias))
+    prepare(attention)  # q with 6-bit codes, k and v with 8-bit ones (jlcm 3-bit's recipe): k and v together
+    assert attention.k_proj.kernel.group is attention.v_proj.kernel.group is not None
+    assert attention.q_proj.kernel.group is None
     mixed = nn.Module()
     mixed.gate_proj = grid("uniform", 4, 64, 0, False)
     mixed.up_proj = codebook(8, 4, 64, 1, False)
