@@ -238,14 +238,46 @@ inline void grid_gemv_block(int64_t r, const uint8_t* codes, int64_t row_bytes, 
     for (int k = 0; k < Rows; ++k)
       for (int t = 0; t < Tokens; ++t)
         for (int q = 0; q < Partials; ++q) part[k][t][q] = _mm512_setzero_ps();
+    // 2 to 4 bits: each word's codes are put once into two registers of fields (4 bits: even and odd codes in bytes;
+    // 2 bits: in nibbles; 3 bits: codes 0-3 and 4-7 in bytes, by a multishift), the offset added to every field (no
+    // carry: the index fits), and phase i shifts its field down. A permute reads only an index's low five bits (four
+    // for the 16-entry table of 2 and 3 bits), so what lies above the field does not matter.
+    constexpr int field = Bits == 2 ? 4 : 8;
+    constexpr bool fields = Bits >= 2;  // 1 bit: each phase shifts and masks its code
+    __m512i spread[Rows][2];
+    if constexpr (fields) {
+      const __m512i keep_codes = _mm512_set1_epi32(Bits == 4 ? 0x0F0F0F0F : Bits == 3 ? 0x07070707 : 0x33333333);
+      const __m512i every_field = _mm512_set1_epi32(Bits == 2 ? 0x11111111 : 0x01010101);
+      for (int k = 0; k < Rows; ++k) {
+        const __m512i added = _mm512_mullo_epi32(offset[k], every_field);
+        __m512i first, second;
+        if constexpr (Bits == 3) {  // per 64-bit lane (two words): bytes 0-3 and 4-7 take codes of words 1 and 2
+          first = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x29262320090603LL << 8), lanes[k]);
+          second = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x35322F2C15120F0CLL), lanes[k]);
+        } else {
+          first = lanes[k];
+          second = _mm512_srli_epi32(lanes[k], Bits);
+        }
+        spread[k][0] = _mm512_add_epi32(_mm512_and_si512(first, keep_codes), added);
+        spread[k][1] = _mm512_add_epi32(_mm512_and_si512(second, keep_codes), added);
+      }
+    }
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
       __m512 inputs[Tokens];
       for (int t = 0; t < Tokens; ++t) inputs[t] = _mm512_loadu_ps(xp + (t * chunks + c) * kChunk + 16 * i);
       for (int k = 0; k < Rows; ++k) {
-        const __m512i index =
-            _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(lanes[k], Bits * i), mask), offset[k]);
-        const __m512 values = _mm512_permutex2var_ps(low[k], index, high[k]);
+        // phase i: code i of each word; for 3 bits, codes 0-3 in the first register, 4-7 in the second
+        __m512 values;
+        if constexpr (fields) {
+          const int which = Bits == 3 ? i / 4 : i % 2, place = Bits == 3 ? i % 4 : i / 2;
+          const __m512i index = place == 0 ? spread[k][which] : _mm512_srli_epi32(spread[k][which], field * place);
+          values = Bits == 4 ? _mm512_permutex2var_ps(low[k], index, high[k]) : _mm512_permutexvar_ps(index, low[k]);
+        } else {
+          const __m512i index =
+              _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(lanes[k], Bits * i), mask), offset[k]);
+          values = _mm512_permutex2var_ps(low[k], index, high[k]);
+        }
         for (int t = 0; t < Tokens; ++t)
           part[k][t][i % Partials] = _mm512_fmadd_ps(values, inputs[t], part[k][t][i % Partials]);
       }

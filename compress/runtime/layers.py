@@ -115,20 +115,18 @@ class Group:
     def __init__(self, members: list[QuantizedLinear], op) -> None:
         self.members = members
         self.op = op
-        self.input: torch.Tensor | None = None
-        self.version = 0
-        self.waiting: dict[nn.Module, torch.Tensor] = {}
+        # member -> (the input, its version then, the member's output); each entry is taken once, by one dict pop,
+        # so two threads running the model cannot take each other's outputs
+        self.waiting: dict[nn.Module, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     def arguments(self) -> tuple:
         """The operator's arguments between the input and the biases."""
         raise NotImplementedError
 
     def __call__(self, module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-        if x is self.input and x._version == self.version and module in self.waiting:
-            output = self.waiting.pop(module)
-            if not self.waiting:
-                self.input = None
-            return output
+        entry = self.waiting.pop(module, None)
+        if entry is not None and entry[0] is x and entry[1] == x._version:
+            return entry[2]
         members = self.members
         for member in members:
             member.kernel.ensure(member)
@@ -137,8 +135,7 @@ class Group:
         if x.dtype != torch.float32:
             outputs = [output.to(x.dtype) for output in outputs]
         pairs = list(zip(members, outputs, strict=True))
-        self.waiting = {member: output for member, output in pairs if member is not module}
-        self.input, self.version = x, x._version
+        self.waiting = {member: (x, x._version, output) for member, output in pairs if member is not module}
         return next(output for member, output in pairs if member is module)
 
 
