@@ -205,8 +205,9 @@ class HalfLinear(nn.Module):
 
 KERNELS = {GroupedGridLinear: GridKernel, CodebookLinear: CodebookKernel}
 DECODE_TOKENS = 8  # kernels.cpp's kDecodeTokens: up to this many tokens, layers of a group are computed together
-# children of one module that read the same input in the architectures of transformers (Llama, Mistral, Qwen, Gemma,
-# Phi-3 ...: attention and MLP; Mixtral's experts: w1 and w3)
+# children of one module that read the same input in transformers' architectures (Llama, Mistral, Qwen, Gemma: the
+# attention's projections and the MLP's gate and up; Mixtral's experts: w1 and w3; BERT-like encoders: query, key,
+# value). Architectures that fuse them into one linear (Phi-3's qkv_proj) have nothing to group.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"), ("query", "key", "value"))
 
 
