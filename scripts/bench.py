@@ -60,6 +60,8 @@ class Method:
     calibration: str = "embedded"  # or "generated": sampled from the original model (data.calibration.source)
 
 
+# half the calibration windows from the embedded text, half sampled from the original model
+MIXTURE = [{"source": "embedded", "weight": 1}, {"source": "generated", "weight": 1}]
 DATA_FREE_CANDIDATES = [{"stage": "nupes", "bits": bits} for bits in (2, 3, 4)] + [{"stage": "rtn", "bits": 8}]
 METHODS = [
     Method("rtn", "ours", recipe="recipes/rtn-w4.yaml"),
@@ -89,6 +91,8 @@ METHODS = [
            calibration="generated"),  # fmt: skip
     Method("jlcm-generated+pv", "ours", recipe="recipes/pv-tune.yaml", base="jlcm-generated", only_bits=(2,),
            calibration="generated"),  # fmt: skip
+    Method("jlcm-mixed", "ours", recipe="recipes/jlcm-{bits}bit.yaml", grid=False, only_bits=(2, 3),
+           settings=(("data.calibration.sources", MIXTURE),)),  # fmt: skip
     Method(
         "jlcm+ste",
         "ours",
@@ -539,6 +543,9 @@ def markdown_table(results: dict) -> str:
         lines[-1] += (f" Methods named `-generated` calibrate on {results['calibration_samples']} sequences of 512 "
                       "tokens sampled from the original model (`data.calibration.source: generated`, default "
                       "settings) instead of the embedded text.")  # fmt: skip
+    if any(r.method.endswith("-mixed") for r in rows):
+        lines[-1] += (" Methods named `-mixed` take half of those windows from the embedded text and half sampled "
+                      "(`data.calibration.sources`, weights 1 and 1).")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
