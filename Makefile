@@ -55,7 +55,7 @@ bench-quick: bench-deps  ## the headline rows (rtn, nupes, jlcm, GPTQ, HQQ; abou
 
 bench-calibration: bench-deps  ## data-driven rows calibrated on embedded against generated text -> bench/calibration/
 	$(PY) scripts/bench.py --windows 32 --results bench/calibration --bits 2,3,4 \
-		--only nupes-data-free,nupes,nupes-generated,jlcm,jlcm-generated,jlcm+pv,jlcm-generated+pv,hqq
+		--only nupes-data-free,nupes,nupes-generated,jlcm,jlcm-generated,jlcm-mixed,jlcm+pv,jlcm-generated+pv,hqq
 
 bench: bench-deps  ## the full benchmark (hours on 2 cores; writes bench/ and the docs' tables)
 	$(PY) scripts/bench.py
