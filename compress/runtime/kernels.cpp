@@ -209,8 +209,7 @@ inline void grid_gemv_block(int64_t r, const uint8_t* codes, int64_t row_bytes, 
                             __m512i spread_index, __mmask64 keep) {
   constexpr int qmax = (1 << Bits) - 1;
   constexpr int Partials = Tokens * Rows == 1 ? 4 : (Tokens * Rows <= 4 ? 2 : 1);
-  const __m512i mask = _mm512_set1_epi32(qmax);
-  const __m512i top = _mm512_set1_epi32(qmax);
+  const __m512i mask = _mm512_set1_epi32(qmax);  // the codes' mask, and qmax, the levels' offset
   __m512 low[Rows], high[Rows], acc[Rows][Tokens];
   for (int k = 0; k < Rows; ++k) {
     low[k] = _mm512_loadu_ps(ts + (r + k) * table_stride);
@@ -231,7 +230,7 @@ inline void grid_gemv_block(int64_t r, const uint8_t* codes, int64_t row_bytes, 
       lanes[k] = _mm512_maskz_permutexvar_epi8(keep, spread_index, _mm512_maskz_loadu_epi8(present, packed));
       const int64_t at = (r + k) * groups + layout.first[c];
       const __m512i chunk_zeros = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, zs + at));
-      offset[k] = _mm512_sub_epi32(top, _mm512_permutexvar_epi32(lane_group, chunk_zeros));
+      offset[k] = _mm512_sub_epi32(mask, _mm512_permutexvar_epi32(lane_group, chunk_zeros));
       factor[k] = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(valid, fs + at));
     }
     __m512 part[Rows][Tokens][Partials];
@@ -1196,14 +1195,18 @@ at::Tensor half_linear_2d(const at::Tensor& x, const at::Tensor& weight) {
 
 // The operators as layers call them: `x [..., in]` float32, `y [..., out]`, the bias added here (one call per
 // layer and token: each Python-side reshape or add costs as much as a small layer's product).
-template <typename Linear>
-at::Tensor any_shape(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const Linear& linear) {
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be float32 [..., in_features]");
-  at::Tensor y = linear(x.reshape({-1, x.size(-1)}).contiguous());
+// `y [tokens, out]` with the bias added, shaped as `x` with `out` as its last size.
+at::Tensor with_bias_as(at::Tensor y, const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
   if (bias.has_value() && bias->defined()) y.add_(*bias);
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = y.size(1);
   return y.view(sizes);
+}
+
+template <typename Linear>
+at::Tensor any_shape(const at::Tensor& x, const c10::optional<at::Tensor>& bias, const Linear& linear) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be float32 [..., in_features]");
+  return with_bias_as(linear(x.reshape({-1, x.size(-1)}).contiguous()), bias, x);
 }
 
 at::Tensor grid_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& zeros,
@@ -1221,13 +1224,7 @@ std::vector<at::Tensor> any_shape_group(const at::Tensor& x, const c10::List<c10
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be float32 [..., in_features]");
   TORCH_CHECK(biases.size() == count, "one bias (or None) per layer");
   std::vector<at::Tensor> outputs = linears(x.reshape({-1, x.size(-1)}).contiguous());
-  std::vector<int64_t> sizes = x.sizes().vec();
-  for (size_t s = 0; s < outputs.size(); ++s) {
-    const c10::optional<at::Tensor> bias = biases.get(s);
-    if (bias.has_value() && bias->defined()) outputs[s].add_(*bias);
-    sizes.back() = outputs[s].size(1);
-    outputs[s] = outputs[s].view(sizes);
-  }
+  for (size_t s = 0; s < outputs.size(); ++s) outputs[s] = with_bias_as(outputs[s], biases.get(s), x);
   return outputs;
 }
 
