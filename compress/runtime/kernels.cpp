@@ -1,7 +1,7 @@
 // Inference kernels of compressed linear layers: y = x @ W^T computed from the packed codes, never from the
 // dense weight. Registered as PyTorch operators `compress::grid_linear`, `compress::codebook_linear` and
-// `compress::half_linear`; compress/runtime/kernels.py holds the pure-PyTorch reference of each, which the tests
-// compare them against.
+// `compress::half_linear` (and their `_group` forms), with `compress::rms_norm` for the norms between them;
+// compress/runtime/kernels.py holds the pure-PyTorch reference of each, which the tests compare them against.
 //
 // One driver serves every format. A format only says how to decode one row of its weight into float32
 // (`decode_row`). For a few tokens (decode) each thread decodes a row into a buffer that stays in L1 and takes
@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -1193,6 +1194,32 @@ at::Tensor half_linear_2d(const at::Tensor& x, const at::Tensor& weight) {
   });
 }
 
+// RMS normalization over the last dimension as Llama's RMSNorm computes it in float32, `weight * (x / sqrt(mean(x^2)
+// + eps))`: one call where the module runs six operators per token, each costing more than the arithmetic.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "x and weight must be float32");
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0), "weight must be [x.size(-1)]");
+  const at::Tensor flat = x.contiguous();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor y = at::empty_like(flat);
+  const int64_t width = w.size(0);
+  const int64_t rows = width == 0 ? 0 : flat.numel() / width;
+  const float* xs = flat.data_ptr<float>();
+  const float* ws = w.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  const float epsilon = static_cast<float>(eps);
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* in = xs + r * width;
+      float* out = ys + r * width;
+      const float inverse = 1.f / std::sqrt(dot(in, in, width) / static_cast<float>(width) + epsilon);
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) out[i] = ws[i] * (in[i] * inverse);
+    }
+  });
+  return y;
+}
+
 // The operators as layers call them: `x [..., in]` float32, `y [..., out]`, the bias added here (one call per
 // layer and token: each Python-side reshape or add costs as much as a small layer's product).
 // `y [tokens, out]` with the bias added, shaped as `x` with `out` as its last size.
@@ -1272,6 +1299,7 @@ TORCH_LIBRARY(compress, m) {
   m.def("codebook_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor? scales, Tensor? permutation, "
         "Tensor? column_indices, Tensor? column_weights, int code_bits, int rows_per_group, Tensor? bias) -> Tensor");
   m.def("half_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("grid_linear_group(Tensor x, Tensor[] qweights, Tensor[] zeros, Tensor[] factors, Tensor[] tables, int bits, "
         "int group_size, Tensor?[] biases) -> Tensor[]");
   m.def("codebook_linear_group(Tensor x, Tensor[] codes, Tensor[] codebooks, Tensor?[] scales, "
@@ -1283,6 +1311,7 @@ TORCH_LIBRARY_IMPL(compress, CPU, m) {
   m.impl("grid_linear", &grid_linear);
   m.impl("codebook_linear", &codebook_linear);
   m.impl("half_linear", &half_linear);
+  m.impl("rms_norm", &rms_norm);
   m.impl("grid_linear_group", &grid_linear_group);
   m.impl("codebook_linear_group", &codebook_linear_group);
 }
