@@ -353,33 +353,56 @@ bool grid_gemv(const at::Tensor& x, const std::vector<GridSegment>& segments, in
 #if defined(__AVX512F__)
 // Decode (a few tokens) for 8-bit grids with integer levels (`uniform`): one code per byte, in order, so 16 codes
 // are widened, made q - z and converted at a time and multiplied with every token's input; no row is written out.
+// `Rows` rows at a time share the input's loads and give the core independent chains of products (one row alone
+// waits on its own additions).
+template <int Tokens, int Rows>
+inline void grid8_block(int64_t r, const uint8_t* codes, int64_t row_bytes, const uint8_t* zs, const float* fs,
+                        int64_t groups, int64_t group_size, const float* xs, int64_t in_features, float* ys,
+                        int64_t out_features) {
+  __m512 acc[Rows][Tokens];
+  for (int k = 0; k < Rows; ++k)
+    for (int t = 0; t < Tokens; ++t) acc[k][t] = _mm512_setzero_ps();
+  for (int k = 0; k < Rows; ++k)
+    _mm_prefetch(reinterpret_cast<const char*>(codes + (r + k + 2 * Rows) * row_bytes), _MM_HINT_T0);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i zero[Rows];
+    __m512 part[Rows][Tokens];
+    for (int k = 0; k < Rows; ++k) {
+      zero[k] = _mm512_set1_epi32(zs[(r + k) * groups + g]);
+      for (int t = 0; t < Tokens; ++t) part[k][t] = _mm512_setzero_ps();
+    }
+    for (int64_t i = g * group_size; i < (g + 1) * group_size; i += 16) {
+      __m512 inputs[Tokens];
+      for (int t = 0; t < Tokens; ++t) inputs[t] = _mm512_loadu_ps(xs + t * in_features + i);
+      for (int k = 0; k < Rows; ++k) {
+        const uint8_t* packed = codes + (r + k) * row_bytes + i;
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed)));
+        const __m512 value = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, zero[k]));
+        for (int t = 0; t < Tokens; ++t) part[k][t] = _mm512_fmadd_ps(value, inputs[t], part[k][t]);
+      }
+    }
+    for (int k = 0; k < Rows; ++k) {
+      const __m512 factor = _mm512_set1_ps(fs[(r + k) * groups + g]);
+      for (int t = 0; t < Tokens; ++t) acc[k][t] = _mm512_fmadd_ps(part[k][t], factor, acc[k][t]);
+    }
+  }
+  for (int k = 0; k < Rows; ++k)
+    for (int t = 0; t < Tokens; ++t) ys[t * out_features + r + k] = _mm512_reduce_add_ps(acc[k][t]);
+}
+
 template <int Tokens>
 void grid8_gemv(const at::Tensor& x, const at::Tensor& y, const uint8_t* codes, int64_t row_bytes, const uint8_t* zs,
                 const float* fs, int64_t groups, int64_t group_size) {
+  constexpr int Rows = Tokens <= 2 ? 4 : (Tokens <= 4 ? 2 : 1);
   const int64_t in_features = x.size(1), out_features = y.size(1);
   const float* xs = x.data_ptr<float>();
   float* ys = y.data_ptr<float>();
   at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const uint8_t* packed = codes + r * row_bytes;
-      _mm_prefetch(reinterpret_cast<const char*>(packed + 2 * row_bytes), _MM_HINT_T0);
-      __m512 acc[Tokens];
-      for (int t = 0; t < Tokens; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t g = 0; g < groups; ++g) {
-        const __m512i zero = _mm512_set1_epi32(zs[r * groups + g]);
-        __m512 part[Tokens];
-        for (int t = 0; t < Tokens; ++t) part[t] = _mm512_setzero_ps();
-        for (int64_t i = g * group_size; i < (g + 1) * group_size; i += 16) {
-          const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i)));
-          const __m512 value = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, zero));
-          for (int t = 0; t < Tokens; ++t)
-            part[t] = _mm512_fmadd_ps(value, _mm512_loadu_ps(xs + t * in_features + i), part[t]);
-        }
-        const __m512 factor = _mm512_set1_ps(fs[r * groups + g]);
-        for (int t = 0; t < Tokens; ++t) acc[t] = _mm512_fmadd_ps(part[t], factor, acc[t]);
-      }
-      for (int t = 0; t < Tokens; ++t) ys[t * out_features + r] = _mm512_reduce_add_ps(acc[t]);
-    }
+    int64_t r = begin;
+    for (; r + Rows <= end; r += Rows)
+      grid8_block<Tokens, Rows>(r, codes, row_bytes, zs, fs, groups, group_size, xs, in_features, ys, out_features);
+    for (; r < end; ++r)
+      grid8_block<Tokens, 1>(r, codes, row_bytes, zs, fs, groups, group_size, xs, in_features, ys, out_features);
   });
 }
 #endif
