@@ -67,6 +67,19 @@ def test_the_readme_table_is_what_bench_quick_rendered():
     assert found and found.group(1) == rendered, "README.md bench-quick: python scripts/bench.py --table-only ..."
 
 
+def test_every_docs_page_is_reachable_from_the_readme():
+    seen, queue = set(), [ROOT / "README.md"]
+    while queue:
+        page = queue.pop()
+        if page in seen or not page.is_file():
+            continue
+        seen.add(page)
+        for target in re.findall(r"\]\(([^)#\s]+\.md)(?:#[^)]*)?\)", page.read_text()):
+            queue.append((page.parent / target).resolve())
+    pages = {path.resolve() for path in (ROOT / "docs").rglob("*.md")}
+    assert not pages - seen, f"not linked from README.md or a page it links: {sorted(pages - seen)}"
+
+
 def test_the_recipe_reference_is_what_the_schema_renders():
     from compress.recipe import json_schema
 
@@ -94,6 +107,8 @@ PAGES = {
     "README.md": ["", "quick"],
     "docs/benchmark.md": ["", "quick", "nupes-w3", "calibration", "allocate"],
     "docs/recipes.md": ["", "nupes-w3", "calibration", "allocate"],
+    **{f"docs/stages/{stage}.md": ["", "nupes-w3", "calibration", "allocate"]
+       for stage in ("rtn", "nupes", "jlcm", "pv_tuning", "head", "allocate")},  # fmt: skip
     "docs/pruning.md": ["prune"],
     "docs/operations.md": ["scale", "offload"],
     "docs/runtime.md": ["decode"],
