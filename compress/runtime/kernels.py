@@ -61,7 +61,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("compress::rms_norm")
     def _(x, weight, eps):
-        return torch.empty_like(x)
+        return x.new_empty(x.shape)  # contiguous, as the operator returns it
 
     @torch.library.register_fake("compress::grid_linear_group")
     def _(x, qweights, zeros, factors, tables, bits, group_size, biases):
