@@ -10,7 +10,7 @@ RECIPE ?= recipes/default.yaml
 MODEL ?=
 OUT ?=
 
-.PHONY: help setup demo test bench bench-py bench-deps bench-quick bench-calibration lint run clean
+.PHONY: help setup demo test bench bench-py bench-deps bench-quick bench-calibration bench-allocate lint run clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 16
@@ -59,6 +59,10 @@ bench-quick: bench-py  ## the headline rows (rtn, nupes, jlcm, GPTQ, HQQ; about 
 bench-calibration: bench-py  ## data-driven rows calibrated on embedded against generated text -> bench/calibration/
 	$(PY) scripts/bench.py --windows 32 --results bench/calibration --bits 2,3,4 \
 		--only nupes-data-free,nupes,nupes-generated,jlcm,jlcm-generated,jlcm-mixed,jlcm+pv,jlcm-generated+pv,hqq
+
+ALLOCATE_ROWS := nupes-data-free,allocate-data-free-2.5,allocate-data-free-3.3,allocate-data-free-86MB-head,nupes-data-free-head8
+bench-allocate: bench-py  ## size budgets against single settings at about the same size -> bench/allocate/
+	$(PY) scripts/bench.py --windows 32 --results bench/allocate --bits 2,3,4 --only $(ALLOCATE_ROWS)
 
 bench: bench-deps  ## the full benchmark (hours on 2 cores; writes bench/ and the docs' tables)
 	$(PY) scripts/bench.py

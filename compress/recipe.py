@@ -50,19 +50,19 @@ class TextOrigin(Strict):
 
     source: str = Field("embedded", min_length=1, description="embedded, generated (calibration only), a local "
                         "file or a datasets hub name")  # fmt: skip
-    config: str | None = None
-    split: str = "train"
-    text_field: str = "text"
+    config: str | None = Field(None, description="the datasets configuration (hub datasets)")
+    split: str = Field("train", description="the datasets split")
+    text_field: str = Field("text", description="the column holding the text (datasets, JSON lines)")
 
 
 class TextSource(TextOrigin):
-    seq_len: int = Field(512, ge=8, le=131072)
+    seq_len: int = Field(512, ge=8, le=131072, description="tokens per window")
 
 
 class Generation(Strict):
     """How `source: generated` samples calibration text from the original model (compress/generate.py)."""
 
-    temperature: float = Field(1.0, gt=0, le=10)
+    temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature")
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling: the smallest set of tokens this likely")
     first_token: Literal["random", "bos"] = Field(
         "random", description="random: a token drawn uniformly from the vocabulary (no special token); bos: the "
@@ -71,9 +71,10 @@ class Generation(Strict):
 
 
 class CalibrationSource(TextOrigin):
-    half: Literal["first", "second", "all"] = "first"
+    half: Literal["first", "second", "all"] = Field(
+        "first", description="which half of the text: calibration the first, evaluation the second (no overlap)")
     weight: float = Field(1.0, gt=0, le=1e6, description="share of the windows, in a mixture (`sources`)")
-    generation: Generation = Generation()
+    generation: Generation = Field(Generation(), description="sampling settings of source: generated")
 
     @model_validator(mode="after")
     def _generation_only_when_generated(self) -> CalibrationSource:
@@ -97,9 +98,10 @@ class CalibrationData(CalibrationSource):
     """One source (`source`, ...) or a mixture (`sources`: a list of sources with weights); the windows of a
     mixture come from each source in proportion to its weight."""
 
-    num_samples: int = Field(128, ge=1, le=1_000_000)
-    seq_len: int = Field(512, ge=8, le=131072)
-    sources: list[CalibrationSource] = Field(default_factory=list, max_length=64)
+    num_samples: int = Field(128, ge=1, le=1_000_000, description="calibration windows")
+    seq_len: int = Field(512, ge=8, le=131072, description="tokens per window")
+    sources: list[CalibrationSource] = Field(default_factory=list, max_length=64, description="a mixture: sources "
+                                             "with weights, instead of one source")  # fmt: skip
 
     @model_validator(mode="after")
     def _one_source_or_a_mixture(self) -> CalibrationData:
@@ -127,20 +129,22 @@ class CalibrationData(CalibrationSource):
 
 
 class EvaluationData(TextSource):
-    half: Literal["first", "second", "all"] = "second"
-    num_windows: int = Field(32, ge=1, le=1_000_000)
-    batch_size: int = Field(4, ge=1, le=4096)
+    half: Literal["first", "second", "all"] = Field(
+        "second", description="which half of the text (calibration takes the first)")  # fmt: skip
+    num_windows: int = Field(32, ge=1, le=1_000_000, description="windows per text evaluated")
+    batch_size: int = Field(4, ge=1, le=4096, description="windows per forward")
     prompt: str = Field("The capital of France is", description="continued greedily by both models in the report")
     sample_tokens: int = Field(24, ge=0, le=4096, description="tokens of that sample; 0 for none")
 
 
 class DataSpec(Strict):
-    calibration: CalibrationData = CalibrationData()
-    evaluation: EvaluationData = EvaluationData()
+    calibration: CalibrationData = Field(CalibrationData(), description="what the stages learn from")
+    evaluation: EvaluationData = Field(EvaluationData(), description="what the report measures on")
 
 
 class ExportSpec(Strict):
-    format: Literal["packed", "dense"] = "packed"
+    format: Literal["packed", "dense"] = Field(
+        "packed", description="packed: the compressed format (docs/FORMAT.md); dense: float16 weights for any runtime")
     out: str = Field("out/default", min_length=1, description="output checkpoint directory")
 
     @field_validator("out")
@@ -167,7 +171,7 @@ class Budget(Strict):
     counted), or the quantized layers' average stored bits per weight (`bits_per_weight`). One of the two."""
 
     size: int | str | None = Field(None, description="bytes, or a string such as 60MB or 1.5GiB")
-    bits_per_weight: float | None = Field(None, gt=0, le=32)
+    bits_per_weight: float | None = Field(None, gt=0, le=32, description="the quantized layers' average stored bits")
 
     @field_validator("size")
     @classmethod
@@ -187,12 +191,12 @@ class Budget(Strict):
 
 
 class RecipeFields(Strict):
-    model: ModelSpec = ModelSpec()
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    data: DataSpec = DataSpec()
+    model: ModelSpec = Field(ModelSpec(), description="the model to compress: a name, or {name, trust_remote_code}")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds torch and the calibration windows drawn")
+    data: DataSpec = Field(DataSpec(), description="calibration and evaluation text")
     budget: Budget | None = Field(None, description="what an `allocate` stage must fit")
-    stages: list[dict[str, Any]] = Field(min_length=1)
-    export: ExportSpec = ExportSpec()
+    stages: list[dict[str, Any]] = Field(min_length=1, description="the stages, run in order")
+    export: ExportSpec = Field(ExportSpec(), description="what is written, and where")
 
 
 class Stage(BaseModel):
@@ -348,13 +352,25 @@ def _nul(value: Any, loc: tuple = ()) -> list[tuple]:
     return []
 
 
+def _factory_defaults(model: type[BaseModel], schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` (the model's) with the defaults pydantic leaves out: those made by a `default_factory`."""
+    for name, info in model.model_fields.items():
+        spec = schema.get("properties", {}).get(info.alias or name)
+        if spec is not None and info.default_factory is not None and "default" not in spec:
+            value = info.get_default(call_default_factory=True)
+            spec["default"] = value.model_dump() if isinstance(value, BaseModel) else value
+    return schema
+
+
 def json_schema() -> dict[str, Any]:
     """JSON Schema of a recipe: the top-level fields, and each stage's options selected by its `stage` name."""
     schema = RecipeFields.model_json_schema()
     definitions = schema.setdefault("$defs", {})
+    _factory_defaults(CalibrationData, definitions["CalibrationData"])
     variants = []
     for name in sorted(STAGES):
-        stage_schema = STAGES[name].config.model_json_schema(ref_template="#/$defs/{model}")
+        config = STAGES[name].config
+        stage_schema = _factory_defaults(config, config.model_json_schema(ref_template="#/$defs/{model}"))
         definitions.update(stage_schema.pop("$defs", {}))
         stage_schema["properties"] = {"stage": {"const": name}, **stage_schema.get("properties", {})}
         stage_schema["required"] = ["stage", *stage_schema.get("required", [])]

@@ -87,6 +87,7 @@ def measure(source: str, dtype: str, new_tokens: int) -> dict:
         config = read_config(found.location, source, found.gguf_file)
         tokenizer = load_tokenizer(found.location, found.gguf_file, False)
     importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    dtype, _, variant = dtype.partition("+")
     baseline = resident_bytes()
     start = time.perf_counter()
     if compressed:
@@ -95,6 +96,24 @@ def measure(source: str, dtype: str, new_tokens: int) -> dict:
         model = AutoModelForCausalLM.from_pretrained(found.location, gguf_file=found.gguf_file,
                                                      dtype=getattr(torch, dtype))  # fmt: skip
     model.eval()
+    if variant in ("norms", "nolinear"):  # the RMS norms as the compressed rows run them (compress/runtime/norms.py)
+        from compress.runtime.norms import fuse_norms
+
+        fuse_norms(model)
+    if variant == "nolinear":  # every linear layer, the head included, a no-op: what the rest of a token costs
+
+        class NoLinear(torch.nn.Module):
+            def __init__(self, out_features: int) -> None:
+                super().__init__()
+                self.out_features = out_features
+
+            def forward(self, x):
+                return x.new_zeros(*x.shape[:-1], self.out_features)
+
+        for parent in list(model.modules()):
+            for name, child in list(parent._modules.items()):
+                if isinstance(child, torch.nn.Linear):
+                    parent._modules[name] = NoLinear(child.out_features)
     load_seconds = time.perf_counter() - start
     resident = resident_bytes()
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -275,7 +294,11 @@ def main() -> int:
         models = [
             ("dense float32", MODEL, "float32", "original", None),
             ("dense bfloat16", MODEL, "bfloat16", "original", None),
-        ]
+            ("dense float32, norms fused", MODEL, "float32+norms", "original, its RMS norms as the compressed rows "
+             "run them", None),
+            ("no linear layers", MODEL, "float32+nolinear", "norms fused, every linear layer and the head a no-op: "
+             "the rest of a token's work", None),
+        ]  # fmt: skip
         models += [(name, str(directory), "float32", CHECKPOINTS[name][2],
                     sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()))
                    for name, directory in checkpoints.items()]  # fmt: skip

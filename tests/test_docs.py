@@ -35,6 +35,7 @@ def section(page: str, marker: str) -> str:
 # (results directory under bench/, script, its renderer, the docs page and marker of its section, if any)
 GENERATED = [
     ("", "bench", "markdown_table", "benchmark.md", "bench"),
+    ("quick", "bench", "markdown_table", "benchmark.md", "bench-quick"),
     ("nupes-w3", "bench", "markdown_table", None, None),
     ("calibration", "bench", "markdown_table", "benchmark.md", "bench-calibration"),
     ("allocate", "bench", "markdown_table", "benchmark.md", "bench-allocate"),
@@ -56,6 +57,36 @@ def test_results_and_docs_are_what_the_script_renders(directory, name, renderer,
         assert rendered.strip() in section(page, marker), f"docs/{page} {marker}"
 
 
+def test_the_readme_table_is_what_bench_quick_rendered():
+    path = ROOT / "bench" / "quick" / "results.json"
+    if not path.is_file():
+        pytest.skip("bench/quick has no results yet")
+    rendered = script("bench").headline_table(json.loads(path.read_text()))
+    text = (ROOT / "README.md").read_text()
+    found = re.search(r"<!-- bench-quick:start -->\n(.*?)<!-- bench-quick:end -->", text, re.DOTALL)
+    assert found and found.group(1) == rendered, "README.md bench-quick: python scripts/bench.py --table-only ..."
+
+
+def test_every_docs_page_is_reachable_from_the_readme():
+    seen, queue = set(), [ROOT / "README.md"]
+    while queue:
+        page = queue.pop()
+        if page in seen or not page.is_file():
+            continue
+        seen.add(page)
+        for target in re.findall(r"\]\(([^)#\s]+\.md)(?:#[^)]*)?\)", page.read_text()):
+            queue.append((page.parent / target).resolve())
+    pages = {path.resolve() for path in (ROOT / "docs").rglob("*.md")}
+    assert not pages - seen, f"not linked from README.md or a page it links: {sorted(pages - seen)}"
+
+
+def test_the_recipe_reference_is_what_the_schema_renders():
+    from compress.recipe import json_schema
+
+    rendered = script("recipe_reference").render(json_schema())
+    assert (ROOT / "docs" / "reference.md").read_text() == rendered, "run python scripts/recipe_reference.py"
+
+
 def _numbers(value):
     """Every number in a results file: values, and numbers inside strings (notes, commands)."""
     if isinstance(value, dict):
@@ -73,13 +104,16 @@ def _numbers(value):
 # The results each page may quote, under bench/; numbers of settings (in backticks, or recipe and option values)
 # are not measurements and are not checked.
 PAGES = {
-    "README.md": [""],
-    "docs/benchmark.md": ["", "nupes-w3", "calibration", "allocate"],
+    "README.md": ["", "quick"],
+    "docs/benchmark.md": ["", "quick", "nupes-w3", "calibration", "allocate"],
     "docs/recipes.md": ["", "nupes-w3", "calibration", "allocate"],
+    **{f"docs/stages/{stage}.md": ["", "nupes-w3", "calibration", "allocate"]
+       for stage in ("rtn", "nupes", "jlcm", "pv_tuning", "head", "allocate")},  # fmt: skip
     "docs/pruning.md": ["prune"],
     "docs/operations.md": ["scale", "offload"],
     "docs/runtime.md": ["decode"],
     "docs/FORMAT.md": [],
+    "docs/reference.md": [],
     "docs/layout.md": [],
 }
 NOT_MEASURED = {"README.md": {"3.10"}}  # Python 3.10+

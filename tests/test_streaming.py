@@ -56,7 +56,9 @@ def test_streamed_run_gives_the_in_memory_checkpoint(name, sharded_llama, tmp_pa
         s_before, s_after = streamed.report.before, streamed.report.after
         if key in before:
             assert s_before[key] == pytest.approx(before[key], rel=1e-6)
-        assert s_after[key] == pytest.approx(after[key], rel=1e-6)
+        # the in-memory model is evaluated through the runtime (its norms fused, compress/runtime/norms.py), the
+        # streamed one block by block through transformers' norms: the same values up to rounding
+        assert s_after[key] == pytest.approx(after[key], rel=1e-6, abs=1e-7)
     assert streamed.report.model["parameters"] == memory.report.model["parameters"]
     assert streamed.report.layers.keys() == memory.report.layers.keys()
 

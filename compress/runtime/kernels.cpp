@@ -1,7 +1,7 @@
 // Inference kernels of compressed linear layers: y = x @ W^T computed from the packed codes, never from the
 // dense weight. Registered as PyTorch operators `compress::grid_linear`, `compress::codebook_linear` and
-// `compress::half_linear`; compress/runtime/kernels.py holds the pure-PyTorch reference of each, which the tests
-// compare them against.
+// `compress::half_linear` (and their `_group` forms), with `compress::rms_norm` for the norms between them;
+// compress/runtime/kernels.py holds the pure-PyTorch reference of each, which the tests compare them against.
 //
 // One driver serves every format. A format only says how to decode one row of its weight into float32
 // (`decode_row`). For a few tokens (decode) each thread decodes a row into a buffer that stays in L1 and takes
@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -352,33 +353,56 @@ bool grid_gemv(const at::Tensor& x, const std::vector<GridSegment>& segments, in
 #if defined(__AVX512F__)
 // Decode (a few tokens) for 8-bit grids with integer levels (`uniform`): one code per byte, in order, so 16 codes
 // are widened, made q - z and converted at a time and multiplied with every token's input; no row is written out.
+// `Rows` rows at a time share the input's loads and give the core independent chains of products (one row alone
+// waits on its own additions).
+template <int Tokens, int Rows>
+inline void grid8_block(int64_t r, const uint8_t* codes, int64_t row_bytes, const uint8_t* zs, const float* fs,
+                        int64_t groups, int64_t group_size, const float* xs, int64_t in_features, float* ys,
+                        int64_t out_features) {
+  __m512 acc[Rows][Tokens];
+  for (int k = 0; k < Rows; ++k)
+    for (int t = 0; t < Tokens; ++t) acc[k][t] = _mm512_setzero_ps();
+  for (int k = 0; k < Rows; ++k)
+    _mm_prefetch(reinterpret_cast<const char*>(codes + (r + k + 2 * Rows) * row_bytes), _MM_HINT_T0);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i zero[Rows];
+    __m512 part[Rows][Tokens];
+    for (int k = 0; k < Rows; ++k) {
+      zero[k] = _mm512_set1_epi32(zs[(r + k) * groups + g]);
+      for (int t = 0; t < Tokens; ++t) part[k][t] = _mm512_setzero_ps();
+    }
+    for (int64_t i = g * group_size; i < (g + 1) * group_size; i += 16) {
+      __m512 inputs[Tokens];
+      for (int t = 0; t < Tokens; ++t) inputs[t] = _mm512_loadu_ps(xs + t * in_features + i);
+      for (int k = 0; k < Rows; ++k) {
+        const uint8_t* packed = codes + (r + k) * row_bytes + i;
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed)));
+        const __m512 value = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, zero[k]));
+        for (int t = 0; t < Tokens; ++t) part[k][t] = _mm512_fmadd_ps(value, inputs[t], part[k][t]);
+      }
+    }
+    for (int k = 0; k < Rows; ++k) {
+      const __m512 factor = _mm512_set1_ps(fs[(r + k) * groups + g]);
+      for (int t = 0; t < Tokens; ++t) acc[k][t] = _mm512_fmadd_ps(part[k][t], factor, acc[k][t]);
+    }
+  }
+  for (int k = 0; k < Rows; ++k)
+    for (int t = 0; t < Tokens; ++t) ys[t * out_features + r + k] = _mm512_reduce_add_ps(acc[k][t]);
+}
+
 template <int Tokens>
 void grid8_gemv(const at::Tensor& x, const at::Tensor& y, const uint8_t* codes, int64_t row_bytes, const uint8_t* zs,
                 const float* fs, int64_t groups, int64_t group_size) {
+  constexpr int Rows = Tokens <= 2 ? 4 : (Tokens <= 4 ? 2 : 1);
   const int64_t in_features = x.size(1), out_features = y.size(1);
   const float* xs = x.data_ptr<float>();
   float* ys = y.data_ptr<float>();
   at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const uint8_t* packed = codes + r * row_bytes;
-      _mm_prefetch(reinterpret_cast<const char*>(packed + 2 * row_bytes), _MM_HINT_T0);
-      __m512 acc[Tokens];
-      for (int t = 0; t < Tokens; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t g = 0; g < groups; ++g) {
-        const __m512i zero = _mm512_set1_epi32(zs[r * groups + g]);
-        __m512 part[Tokens];
-        for (int t = 0; t < Tokens; ++t) part[t] = _mm512_setzero_ps();
-        for (int64_t i = g * group_size; i < (g + 1) * group_size; i += 16) {
-          const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i)));
-          const __m512 value = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, zero));
-          for (int t = 0; t < Tokens; ++t)
-            part[t] = _mm512_fmadd_ps(value, _mm512_loadu_ps(xs + t * in_features + i), part[t]);
-        }
-        const __m512 factor = _mm512_set1_ps(fs[r * groups + g]);
-        for (int t = 0; t < Tokens; ++t) acc[t] = _mm512_fmadd_ps(part[t], factor, acc[t]);
-      }
-      for (int t = 0; t < Tokens; ++t) ys[t * out_features + r] = _mm512_reduce_add_ps(acc[t]);
-    }
+    int64_t r = begin;
+    for (; r + Rows <= end; r += Rows)
+      grid8_block<Tokens, Rows>(r, codes, row_bytes, zs, fs, groups, group_size, xs, in_features, ys, out_features);
+    for (; r < end; ++r)
+      grid8_block<Tokens, 1>(r, codes, row_bytes, zs, fs, groups, group_size, xs, in_features, ys, out_features);
   });
 }
 #endif
@@ -1193,6 +1217,32 @@ at::Tensor half_linear_2d(const at::Tensor& x, const at::Tensor& weight) {
   });
 }
 
+// RMS normalization over the last dimension as Llama's RMSNorm computes it in float32, `weight * (x / sqrt(mean(x^2)
+// + eps))`: one call where the module runs six operators per token, each costing more than the arithmetic.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "x and weight must be float32");
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0), "weight must be [x.size(-1)]");
+  const at::Tensor flat = x.contiguous();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor y = at::empty_like(flat);
+  const int64_t width = w.size(0);
+  const int64_t rows = width == 0 ? 0 : flat.numel() / width;
+  const float* xs = flat.data_ptr<float>();
+  const float* ws = w.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  const float epsilon = static_cast<float>(eps);
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* in = xs + r * width;
+      float* out = ys + r * width;
+      const float inverse = 1.f / std::sqrt(dot(in, in, width) / static_cast<float>(width) + epsilon);
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) out[i] = ws[i] * (in[i] * inverse);
+    }
+  });
+  return y;
+}
+
 // The operators as layers call them: `x [..., in]` float32, `y [..., out]`, the bias added here (one call per
 // layer and token: each Python-side reshape or add costs as much as a small layer's product).
 // `y [tokens, out]` with the bias added, shaped as `x` with `out` as its last size.
@@ -1272,6 +1322,7 @@ TORCH_LIBRARY(compress, m) {
   m.def("codebook_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor? scales, Tensor? permutation, "
         "Tensor? column_indices, Tensor? column_weights, int code_bits, int rows_per_group, Tensor? bias) -> Tensor");
   m.def("half_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("grid_linear_group(Tensor x, Tensor[] qweights, Tensor[] zeros, Tensor[] factors, Tensor[] tables, int bits, "
         "int group_size, Tensor?[] biases) -> Tensor[]");
   m.def("codebook_linear_group(Tensor x, Tensor[] codes, Tensor[] codebooks, Tensor?[] scales, "
@@ -1283,6 +1334,7 @@ TORCH_LIBRARY_IMPL(compress, CPU, m) {
   m.impl("grid_linear", &grid_linear);
   m.impl("codebook_linear", &codebook_linear);
   m.impl("half_linear", &half_linear);
+  m.impl("rms_norm", &rms_norm);
   m.impl("grid_linear_group", &grid_linear_group);
   m.impl("codebook_linear_group", &codebook_linear_group);
 }

@@ -59,6 +59,10 @@ def _register_fakes() -> None:
     def _(x, weight, bias):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
+    @torch.library.register_fake("compress::rms_norm")
+    def _(x, weight, eps):
+        return x.new_empty(x.shape)  # contiguous, as the operator returns it
+
     @torch.library.register_fake("compress::grid_linear_group")
     def _(x, qweights, zeros, factors, tables, bits, group_size, biases):
         return [x.new_empty(*x.shape[:-1], qweight.shape[0]) for qweight in qweights]
@@ -106,6 +110,16 @@ def half_linear_op() -> Callable[..., torch.Tensor]:
     """`half_linear(x, weight, bias) -> y`: `x [..., in] @ weight^T + bias` for a float16 `weight [out, in]`, in
     float32. Every operator takes float32 `x` of any leading shape and an optional float32 `bias` (or None)."""
     return torch.ops.compress.half_linear.default if enabled() else half_linear_reference
+
+
+def rms_norm_op() -> Callable[..., torch.Tensor]:
+    """`rms_norm(x, weight, eps) -> y`: `weight * x / sqrt(mean(x**2, -1) + eps)` for float32 `x [..., d]` and
+    `weight [d]`, as Llama's RMSNorm computes it in float32 (no autograd: for inference)."""
+    return torch.ops.compress.rms_norm.default if enabled() else rms_norm_reference
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """What each compressed layer computes at inference, from its packed codes (compress/runtime/kernels.py).
 
-`prepare(model)` gives every compressed linear a kernel, chosen once by its format, and keeps the float16 output
-head (and a tied input embedding) in float16 as the checkpoint stores it. A layer's `forward` uses its kernel
-when no gradient is being recorded; training keeps `dequantize()`. A kernel derives small tables from the layer's
-parameters (unpacked zero points, per-group factors, per-exponent levels) and derives them again if those
-parameters change; the codes themselves are read where they are, packed.
+`prepare(model)` gives every compressed linear a kernel, chosen once by its format, keeps the float16 output
+head (and a tied input embedding) in float16 as the checkpoint stores it, and fuses the RMS norms (norms.py). A
+layer's `forward` uses its kernel when no gradient is being recorded; training keeps `dequantize()`. A kernel
+derives small tables from the layer's parameters (unpacked zero points, per-group factors, per-exponent levels)
+and derives them again if those parameters change; the codes themselves are read where they are, packed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from compress.formats.grid import GroupedGridLinear
 from compress.formats.packing import unpack_bits
 from compress.formats.power import MIN_EXPONENT, PowerLinear
 from compress.runtime import kernels
+from compress.runtime.norms import fuse_norms
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +214,8 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3
 
 def prepare(model: nn.Module, *, half_head: bool = True) -> nn.Module:
     """Give every compressed linear of `model` its inference kernel; with `half_head`, keep the output head (and
-    the input embedding it is tied to) in float16 when its values are float16 already (no value changes).
-    Returns `model`."""
+    the input embedding it is tied to) in float16 when its values are float16 already (no value changes); make
+    each Llama-like RMS norm one operator call (compress/runtime/norms.py). Returns `model`."""
     count = 0
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
@@ -226,8 +227,9 @@ def prepare(model: nn.Module, *, half_head: bool = True) -> nn.Module:
     groups = _group_siblings(model)
     if half_head:
         _keep_head_in_half(model)
-    log.info("runtime: %d compressed layers use %s kernels (%d groups of layers sharing an input)", count,
-             "compiled" if kernels.enabled() else "reference", groups)  # fmt: skip
+    norms = fuse_norms(model)
+    log.info("runtime: %d compressed layers use %s kernels (%d groups of layers sharing an input); %d norms fused",
+             count, "compiled" if kernels.enabled() else "reference", groups, norms)  # fmt: skip
     return model
 
 

@@ -68,10 +68,10 @@ class Criteria(StageConfig):
     `output` (data-aware, measured on calibration windows at each period start) is off by default and is what
     recipes/hesso-minilm-30.yaml ranks by."""
 
-    magnitude: float = Field(0.25, ge=0.0)
-    average_magnitude: float = Field(0.25, ge=0.0)
-    cosine: float = Field(0.25, ge=0.0)
-    taylor: float = Field(0.25, ge=0.0)
+    magnitude: float = Field(0.25, ge=0.0, description="a group's weight norm")
+    average_magnitude: float = Field(0.25, ge=0.0, description="its norm per weight")
+    cosine: float = Field(0.25, ge=0.0, description="the cosine of its weights and their gradient")
+    taylor: float = Field(0.25, ge=0.0, description="first-order Taylor estimate of the loss change")
     output: float = Field(0.0, ge=0.0, description="data-aware: the change of the block's output per token")
 
 
@@ -106,7 +106,7 @@ class HessoConfig(StageConfig):
     cric_candidates: float = Field(2.0, ge=1.0, le=100.0, description="candidates probed per group to select")
     validation_windows: int = Field(4, ge=1, description="calibration windows held out to pick the best step")
     eval_every: int = Field(8, ge=1, description="steps between validations after pruning")
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the calibration batches drawn at each step")
     checkpoint_every: int = Field(
         0,
         ge=0,

@@ -79,8 +79,8 @@ class JlcmConfig(LayerSelection):
         "layer's mean keep their weights in float16 (kept columns); 0: none",
     )
     max_kept_columns: int = Field(16, ge=0, le=4096, description="kept columns per layer at most (most active first)")
-    kmeans_iterations: int = Field(10, ge=0, le=10_000)
-    grouping_iterations: int = Field(10, ge=1, le=1000)
+    kmeans_iterations: int = Field(10, ge=0, le=10_000, description="k-means iterations of each codebook's start")
+    grouping_iterations: int = Field(10, ge=1, le=1000, description="balanced k-means iterations grouping the rows")
     steps: int = Field(
         0,
         ge=0,

@@ -31,10 +31,12 @@ log = logging.getLogger(__name__)
 
 
 class NupesConfig(LayerSelection):
-    bits: int = Field(3, ge=2, le=8)
+    bits: int = Field(3, ge=2, le=8, description="bits per weight of the codes")
     group_size: int | None = Field(64, ge=1, description="input weights per scale; null for one scale per row")
-    mode: Literal["data-free", "data-driven"] = "data-free"
-    exponent_per: Literal["layer", "channel"] = "layer"
+    mode: Literal["data-free", "data-driven"] = Field(
+        "data-free", description="data-free: exponent and clip chosen by weight error; data-driven: block by block "
+        "on calibration activations (GPTQ rounding, then codes, scales and exponents learned)")  # fmt: skip
+    exponent_per: Literal["layer", "channel"] = Field("layer", description="one exponent per layer or per output row")
     min_exponent: float = Field(0.4, gt=0.0, le=1.0, description="smallest exponent searched and learned")
     exponent_candidates: int = Field(13, ge=1, description="exponents searched, evenly spaced in [min_exponent, 1]")
     min_clip: float | None = Field(
@@ -44,7 +46,7 @@ class NupesConfig(LayerSelection):
         description="smallest ratio of each group's range searched; default 1.0 (no clipping) in data-free mode, "
         "where clipping chosen by weight error cost perplexity on smollm2-135m, 0.75 in data-driven mode",
     )
-    clip_candidates: int = Field(6, ge=1)
+    clip_candidates: int = Field(6, ge=1, description="clip ratios searched, evenly spaced in [min_clip, 1]")
     damping: float = Field(0.01, ge=0.0, description="GPTQ damping, a fraction of the mean Hessian diagonal")
     gptq: bool = Field(True, description="data-driven: Hessian-aware rounding before learning")
     gptq_groups: Literal["lazy", "static"] = Field(

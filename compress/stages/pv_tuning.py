@@ -59,7 +59,7 @@ class PvTuningConfig(StageConfig):
     top_k: int = Field(64, ge=1, le=4096, description="teacher tokens kept per position")
     validation_windows: int = Field(8, ge=1, description="calibration windows held out to pick the best step")
     eval_every: int = Field(16, ge=1, description="steps between validations")
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the calibration batches drawn at each step")
     checkpoint_every: int = Field(
         16, ge=0, description="steps between checkpoints beside the output (0: none); a rerun resumes from the last"
     )

@@ -12,7 +12,7 @@ from compress.stages.base import LayerSelection, block_linears, check_finite, gr
 
 
 class RtnConfig(LayerSelection):
-    bits: int = Field(4, ge=2, le=8)
+    bits: int = Field(4, ge=2, le=8, description="bits per weight of the codes")
     group_size: int | None = Field(64, ge=1, description="input weights per scale; null for one scale per row")
 
 

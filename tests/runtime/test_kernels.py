@@ -62,6 +62,8 @@ LAYERS = {
             (True, True, 3, False), (False, False, 0, True), (True, False, 0, False), (False, True, 5, True)
         )
     },
+    # 90 rows: the 8-bit decode kernel's blocks of four rows leave rows over
+    "uniform-w8-g64-odd": lambda: grid_layer("uniform", 8, 64, True, out_features=90),
     # 50 vectors of 4 a row: the decode kernel's eight-code steps leave two vectors over
     "codebook-k8-d4-in200": lambda: codebook_layer(8, 4, True, True, 2, True, in_features=200),
     # 15 rows a group (an odd one left after the row pairs), 100 vectors of 2 (a chunk of 64 codes and a part)
