@@ -215,7 +215,8 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3
 def prepare(model: nn.Module, *, half_head: bool = True) -> nn.Module:
     """Give every compressed linear of `model` its inference kernel; with `half_head`, keep the output head (and
     the input embedding it is tied to) in float16 when its values are float16 already (no value changes); make
-    each Llama-like RMS norm one operator call (compress/runtime/norms.py). Returns `model`."""
+    each Llama-like RMS norm of a model with compressed layers one operator call (compress/runtime/norms.py).
+    Returns `model`."""
     count = 0
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
@@ -227,7 +228,8 @@ def prepare(model: nn.Module, *, half_head: bool = True) -> nn.Module:
     groups = _group_siblings(model)
     if half_head:
         _keep_head_in_half(model)
-    norms = fuse_norms(model)
+    # only a model with compressed layers: it is what compress.load gives back (a dense result loads without us)
+    norms = fuse_norms(model) if count else 0
     log.info("runtime: %d compressed layers use %s kernels (%d groups of layers sharing an input); %d norms fused",
              count, "compiled" if kernels.enabled() else "reference", groups, norms)  # fmt: skip
     return model
