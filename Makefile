@@ -53,7 +53,7 @@ bench-py: setup
 bench-deps: bench-py
 	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip install --quiet llama-cpp-python==0.3.36  # built from source (minutes): the CPU runtime bench_decode compares with
 
-bench-quick: bench-py  ## the headline rows (rtn, nupes, jlcm, GPTQ, HQQ; 2 h 10 min on 2 cores) -> bench/quick/
+bench-quick: bench-py  ## the headline rows (rtn, nupes, jlcm, GPTQ, HQQ; over two hours on 2 cores) -> bench/quick/
 	$(PY) scripts/bench.py --only rtn,nupes,jlcm,llmcompressor-gptq,hqq --bits 2,3,4 --windows 48 --results bench/quick
 
 bench-calibration: bench-py  ## data-driven rows calibrated on embedded against generated text -> bench/calibration/

@@ -236,6 +236,7 @@ def main() -> None:
         sys.exit(f"unknown method in --only; known: {', '.join(m.name for m in METHODS)}")
 
     measured_by = commit()  # the code the rows start from (the code must not change while they run)
+    started = time.perf_counter()
     CACHE.mkdir(parents=True, exist_ok=True)
     base = prepare_base_model()
     texts = prepare_windows(base, args.windows, args.calibration_samples)
@@ -286,6 +287,7 @@ def main() -> None:
         "versions": {**our_versions(), "peers": peer_versions},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "quick": args.quick,
+        "wall_seconds": time.perf_counter() - started,  # this invocation's, from the start of its first row
     }
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "results.json").write_text(json.dumps(results, indent=2))
