@@ -37,10 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 CACHE = BENCH / "cache"
 PEER_VENV = BENCH / ".venv-peers"
-PEER_PINS = ["torch==2.13.0", "llmcompressor==0.14.0.1", "hqq==0.2.8.post1"]
+PEER_PINS = ["torch==2.13.0", "llmcompressor==0.14.0.1", "hqq==0.2.8.post1", "auto-round==0.15.1"]
 PEER_SCRIPTS = {
     "llmcompressor": ROOT / "scripts" / "peers" / "llmcompressor_quantize.py",
     "hqq": ROOT / "scripts" / "peers" / "hqq_quantize.py",
+    "autoround": ROOT / "scripts" / "peers" / "autoround_quantize.py",
 }
 BASE_MODEL = "smollm2-135m"
 
@@ -48,7 +49,7 @@ BASE_MODEL = "smollm2-135m"
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # "ours", or the peer's tool: "llmcompressor", "hqq"
+    kind: str  # "ours", or the peer's tool: "llmcompressor", "hqq", "autoround"
     recipe: str = ""  # "{bits}" in it is replaced by the bit width
     grid: bool = True  # the recipe's first stage takes `bits` and `group_size` (codebook methods set their own size)
     peer_method: str = ""
@@ -56,7 +57,7 @@ class Method:
     # distil from the original model, and only run at the bit widths listed.
     base: str = ""
     only_bits: tuple[int, ...] = ()
-    settings: tuple[tuple[str, object], ...] = ()
+    settings: tuple[tuple[str, object], ...] = ()  # ours: recipe overrides; a peer's: its script's options
     calibration: str = "embedded"  # or "generated": sampled from the original model (data.calibration.source)
 
 
@@ -175,6 +176,11 @@ METHODS = [
     Method("llmcompressor-rtn", "llmcompressor", peer_method="rtn"),
     Method("llmcompressor-gptq", "llmcompressor", peer_method="gptq"),
     Method("hqq", "hqq"),
+    # AutoRound's tuning at its light setting (50 steps per block) on our calibration windows; with AutoScheme it
+    # chooses each layer among 2, 3 and 4 bits (groups of 64, asymmetric) for the average of the allocate rows
+    Method("autoround", "autoround", settings=(("iters", 50),)),
+    Method("autoscheme-2.5", "autoround", only_bits=(2,), settings=(("avg-bits", 2.5), ("iters", 50))),
+    Method("autoscheme-3.3", "autoround", only_bits=(3,), settings=(("avg-bits", 3.3), ("iters", 50))),
 ]
 
 
@@ -360,16 +366,17 @@ def out_of_domain_text() -> tuple[str | None, str]:
 
 
 def ensure_peer_env() -> dict:
-    stamp = PEER_VENV / ".installed"
+    stamp = PEER_VENV / ".installed"  # holds the pins it was installed with: new pins install again
     python = PEER_VENV / "bin" / "python"
-    if not stamp.is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
+    if not stamp.is_file() or stamp.read_text().split() != PEER_PINS:
+        if not python.is_file():
+            subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+            subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", PEER_PINS[0]], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PEER_PINS], check=True)
-        stamp.touch()
+        stamp.write_text(" ".join(PEER_PINS) + "\n")
     listing = subprocess.run([str(python), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True)
-    wanted = {"torch", "transformers", "llmcompressor", "compressed-tensors", "hqq"}
+    wanted = {"torch", "transformers", "llmcompressor", "compressed-tensors", "hqq", "auto-round"}
     return {p["name"]: p["version"] for p in json.loads(listing.stdout) if p["name"].lower() in wanted}
 
 
@@ -420,6 +427,10 @@ def compress_peer(
     ]  # fmt: skip
     if method.kind == "llmcompressor":
         command += ["--method", method.peer_method, "--calibration", str(calibration)]
+    if method.kind == "autoround":
+        command += ["--calibration", str(calibration)]
+    for option, value in method.settings:
+        command += [f"--{option}", str(value)]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     read_peer_figures(out, row)
 
@@ -431,6 +442,9 @@ def read_peer_figures(out: Path, row: Row) -> None:
     row.bits_per_weight = peer["bits_per_weight"]
     row.checkpoint_bytes = peer["checkpoint_bytes"]
     row.notes.append("evaluated from its dequantized weights")
+    if "layers_by_bits" in peer:
+        chosen = ", ".join(f"{n} layers at {b} bits" for b, n in peer["layers_by_bits"].items())
+        row.notes.append(f"AutoScheme chose {chosen}")
 
 
 def reuse(method: Method, base: Path, out: Path, row: Row, samples: int) -> bool:
@@ -454,7 +468,10 @@ def reuse(method: Method, base: Path, out: Path, row: Row, samples: int) -> bool
     else:
         if not (out / "peer.json").is_file():
             return False
-        if json.loads((out / "peer.json").read_text())["calibration_samples"] not in (0, samples):
+        peer = json.loads((out / "peer.json").read_text())
+        if peer["calibration_samples"] not in (0, samples):
+            return False
+        if any(peer.get(option.replace("-", "_")) != value for option, value in method.settings):
             return False
         read_peer_figures(out, row)
     row.notes.append("reused an earlier compression")
