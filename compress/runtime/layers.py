@@ -21,6 +21,7 @@ from compress.formats.grid import GroupedGridLinear
 from compress.formats.packing import unpack_bits
 from compress.formats.power import MIN_EXPONENT, PowerLinear
 from compress.runtime import kernels
+from compress.runtime.attention import fuse_attention
 from compress.runtime.norms import fuse_norms
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3
 def prepare(model: nn.Module, *, half_head: bool = True) -> nn.Module:
     """Give every compressed linear of `model` its inference kernel; with `half_head`, keep the output head (and
     the input embedding it is tied to) in float16 when its values are float16 already (no value changes); make
-    each Llama-like RMS norm of a model with compressed layers one operator call (compress/runtime/norms.py).
+    each Llama-like RMS norm of a model with compressed layers one operator call (compress/runtime/norms.py) and its
+    Llama attention's decode step free of transformers' wrappers (compress/runtime/attention.py).
     Returns `model`."""
     count = 0
     for module in model.modules():
@@ -230,8 +232,10 @@ def prepare(model: nn.Module, *, half_head: bool = True) -> nn.Module:
         _keep_head_in_half(model)
     # only a model with compressed layers: it is what compress.load gives back (a dense result loads without us)
     norms = fuse_norms(model) if count else 0
-    log.info("runtime: %d compressed layers use %s kernels (%d groups of layers sharing an input); %d norms fused",
-             count, "compiled" if kernels.enabled() else "reference", groups, norms)  # fmt: skip
+    attention = fuse_attention(model) if count else 0
+    kind = "compiled" if kernels.enabled() else "reference"
+    log.info("runtime: %d compressed layers use %s kernels (%d groups of layers sharing an input); %d norms and %d "
+             "attentions fused", count, kind, groups, norms, attention)  # fmt: skip
     return model
 
 
