@@ -96,10 +96,12 @@ def measure(source: str, dtype: str, new_tokens: int) -> dict:
         model = AutoModelForCausalLM.from_pretrained(found.location, gguf_file=found.gguf_file,
                                                      dtype=getattr(torch, dtype))  # fmt: skip
     model.eval()
-    if variant in ("norms", "nolinear"):  # the RMS norms as the compressed rows run them (compress/runtime/norms.py)
+    if variant in ("fused", "nolinear"):  # the norms and attention as the compressed rows run them (prepare())
+        from compress.runtime.attention import fuse_attention
         from compress.runtime.norms import fuse_norms
 
         fuse_norms(model)
+        fuse_attention(model)
     if variant == "nolinear":  # every linear layer, the head included, a no-op: what the rest of a token costs
 
         class NoLinear(torch.nn.Module):
@@ -294,9 +296,9 @@ def main() -> int:
         models = [
             ("dense float32", MODEL, "float32", "original", None),
             ("dense bfloat16", MODEL, "bfloat16", "original", None),
-            ("dense float32, norms fused", MODEL, "float32+norms", "original, its RMS norms as the compressed rows "
-             "run them", None),
-            ("no linear layers", MODEL, "float32+nolinear", "norms fused, every linear layer and the head a no-op: "
+            ("dense float32, fused", MODEL, "float32+fused", "original, its norms and attention as the compressed "
+             "rows run them", None),
+            ("no linear layers", MODEL, "float32+nolinear", "as fused, every linear layer and the head a no-op: "
              "the rest of a token's work", None),
         ]  # fmt: skip
         models += [(name, str(directory), "float32", CHECKPOINTS[name][2],
